@@ -1,0 +1,302 @@
+"""Convert any source into the Parquet schema with Ray Data.
+
+A source has two halves:
+
+- ``scan(root, params) -> ScanResult``: runs on the driver, walks the source's index files and returns one
+  small, JSON-able record per image (paths, study, split, view, report path, labels) plus the inputs it
+  already had to skip (e.g. a study missing from the split file).
+- ``convert(record, params) -> row``: runs in Ray Data tasks, reads the pixels and the report and returns one
+  schema row, or raises :class:`SkipRecord` with a fixed reason.
+
+Conversion tasks write their own Parquet files (``<split>/part-<first record>.parquet``) into a temporary
+folder and return only counts: this streams datasets far larger than the object store, keeps file names
+deterministic, and lets us count skip reasons without a second pass. When every task has finished, the split
+folders are swapped into place and ``manifest.json`` is written last, so a dataset with a manifest is always
+complete and a re-run replaces, never duplicates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+
+from mavilt.config import Config
+from mavilt.data.images import SkipRecord
+from mavilt.data.shards import SCHEMA_VERSION, SPLITS, rows_to_table
+from mavilt.runs import write_json
+
+log = logging.getLogger(__name__)
+
+# source name -> module implementing scan() and convert()
+SOURCES: dict[str, str] = {
+    "synthetic": "mavilt.data.synthetic",
+    "mimic-cxr": "mavilt.data.sources.mimic_cxr",
+    "mimic-cxr-jpg": "mavilt.data.sources.mimic_cxr",
+    "iu-xray": "mavilt.data.sources.iu_xray",
+    "csv": "mavilt.data.sources.csv",
+}
+
+
+@dataclass
+class PrepareParams:
+    """What a converter needs to know; picklable and small."""
+
+    source: str
+    root: str | None
+    image_size: int
+    bit_depth: int
+    seed: int
+    split_fractions: list[float]
+    num_samples: int | None = None
+
+
+@dataclass
+class ScanResult:
+    records: list[dict[str, Any]]
+    skipped: Counter = field(default_factory=Counter)
+
+
+def source_module(name: str):
+    if name not in SOURCES:
+        raise ValueError(f"unknown source '{name}'; use one of {sorted(SOURCES)}")
+    return importlib.import_module(SOURCES[name])
+
+
+def convert_records(records: list[dict[str, Any]], params: PrepareParams) -> tuple[list[dict[str, Any]], Counter]:
+    """Convert records one by one (no Ray): the rows that worked and a count of skip reasons."""
+    convert: Callable[[dict[str, Any], PrepareParams], dict[str, Any]] = source_module(params.source).convert
+    rows, skipped = [], Counter()
+    for rec in records:
+        try:
+            rows.append(convert(rec, params))
+        except SkipRecord as e:
+            skipped[e.reason] += 1
+        except Exception as e:  # noqa: BLE001 - one bad record never stops the batch
+            # Only the exception type reaches the manifest: messages may quote header values.
+            skipped[f"unexpected error ({type(e).__name__})"] += 1
+    return rows, skipped
+
+
+def _write_split_files(rows: list[dict[str, Any]], out_dir: Path, part: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for split in SPLITS:
+        split_rows = [r for r in rows if r["split"] == split]
+        if not split_rows:
+            continue
+        d = out_dir / split
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{part}.parquet.tmp"
+        pq.write_table(rows_to_table(split_rows), tmp)
+        os.replace(tmp, d / f"{part}.parquet")
+        counts[split] = len(split_rows)
+    return counts
+
+
+class _ConvertAndWrite:
+    """Ray Data batch function: convert a batch of records and write its rows; returns one stats row."""
+
+    def __init__(self, params: PrepareParams, out_dir: str):
+        self.params = params
+        self.out_dir = Path(out_dir)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        records = [dict(zip(batch.keys(), vals)) for vals in zip(*batch.values())]
+        records = [{k: _plain(v) for k, v in r.items()} for r in records]
+        rows, skipped = convert_records(records, self.params)
+        part = f"part-{int(records[0]['_index']):09d}"
+        counts = _write_split_files(rows, self.out_dir, part)
+        return {
+            "part": [part],
+            "counts": [json_dumps(counts)],
+            "skipped": [json_dumps(dict(skipped))],
+        }
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars/arrays from Ray batches -> plain Python values."""
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
+
+
+def json_dumps(x: Any) -> str:
+    import json
+
+    return json.dumps(x, sort_keys=True)
+
+
+def prepare_dataset(
+    source: str,
+    out: str | Path,
+    cfg: Config,
+    root: str | Path | None = None,
+    num_samples: int | None = None,
+    use_ray: bool = True,
+) -> dict[str, Any]:
+    """Convert ``source`` (rooted at ``root``) into ``out``; returns the manifest."""
+    import json
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    params = PrepareParams(
+        source=source,
+        root=str(Path(root).resolve()) if root else None,
+        image_size=cfg.data.image_size,
+        bit_depth=cfg.data.bit_depth,
+        seed=cfg.data.seed,
+        split_fractions=list(cfg.data.split_fractions),
+        num_samples=num_samples if num_samples is not None else (cfg.data.num_samples if source == "synthetic" else None),
+    )
+    module = source_module(source)
+    scan: ScanResult = module.scan(params)
+    records = scan.records
+    for i, r in enumerate(records):
+        r["_index"] = i
+    log.info("%s: %d images to convert, %d inputs skipped while scanning", source, len(records), sum(scan.skipped.values()))
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".prepare-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    counts: Counter = Counter()
+    skipped: Counter = Counter(scan.skipped)
+    try:
+        if records:
+            if use_ray:
+                stats = _convert_with_ray(records, params, tmp, cfg)
+            else:
+                stats = []
+                per_file = cfg.data.rows_per_file
+                for start in range(0, len(records), per_file):
+                    stats.append(_ConvertAndWrite(params, str(tmp))(_columns(records[start : start + per_file])))
+                stats = [{k: v[0] for k, v in s.items()} for s in stats]
+            for s in stats:
+                counts.update(json.loads(s["counts"]))
+                skipped.update(json.loads(s["skipped"]))
+        # Swap into place: manifest first removed (the dataset is "being rewritten"), written again last.
+        (out / "manifest.json").unlink(missing_ok=True)
+        for split in SPLITS:
+            target = out / split
+            if target.exists():
+                shutil.rmtree(target)
+            if (tmp / split).exists():
+                os.replace(tmp / split, target)
+            else:
+                target.mkdir()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "counts": {s: int(counts.get(s, 0)) for s in SPLITS},
+        "studies": _study_counts(out),
+        "total_images": int(sum(counts.values())),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_total": int(sum(skipped.values())),
+        "preprocessing": {
+            "image_size": params.image_size,
+            "bit_depth": params.bit_depth,
+            "resize": "longer side to image_size (Lanczos down, bicubic up), zero-padded to a square",
+            "intensity": "[0, 1] after modality LUT, VOI LUT or window, MONOCHROME1 inverted (white = dense)",
+            "seed": params.seed,
+            "split_fractions": params.split_fractions if source in ("synthetic", "iu-xray") else "from the source",
+            "num_samples": params.num_samples,
+        },
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _study_counts(out: Path) -> dict[str, int]:
+    res = {}
+    for split in SPLITS:
+        ids = set()
+        for f in sorted((out / split).glob("*.parquet")):
+            ids.update(pq.read_table(f, columns=["study_id"]).column("study_id").to_pylist())
+        res[split] = len(ids)
+    return res
+
+
+def _columns(records: list[dict[str, Any]]) -> dict[str, list]:
+    keys = sorted({k for r in records for k in r})
+    return {k: [r.get(k) for r in records] for k in keys}
+
+
+def _convert_with_ray(records: list[dict[str, Any]], params: PrepareParams, tmp: Path, cfg: Config) -> list[dict]:
+    import json
+
+    import ray
+    import ray.data
+
+    from mavilt.raycluster import ensure_ray
+
+    ensure_ray()
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    # Enough batches for every CPU to have several, but never more rows per file than configured.
+    per_batch = max(1, min(cfg.data.rows_per_file, math.ceil(len(records) / (4 * cpus))))
+    # Records are heterogeneous dicts; ship them as JSON strings so Arrow never has to unify their types.
+    items = [{"_index": r["_index"], "record": json.dumps(r)} for r in records]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_batch)))
+    ds = ds.map_batches(
+        _decode_then_convert,
+        fn_kwargs={"params": dataclasses.asdict(params), "out_dir": str(tmp)},
+        batch_size=per_batch,
+        batch_format="numpy",
+    )
+    return ds.take_all()
+
+
+def _decode_then_convert(batch: dict[str, Any], params: dict[str, Any], out_dir: str) -> dict[str, list]:
+    import json
+
+    records = [json.loads(s) for s in batch["record"]]
+    return _ConvertAndWrite(PrepareParams(**params), out_dir)(_columns(records))
+
+
+
+def run_prepare(
+    source: str,
+    out: str | Path,
+    cfg: Config,
+    root: str | Path | None = None,
+    num_samples: int | None = None,
+) -> dict[str, Any]:
+    """The `prepare` job: convert, save the resolved config beside the shards, write and print the result."""
+    from mavilt.runs import finish
+
+    if source != "synthetic" and root is None:
+        raise ValueError(f"--source {source} needs --root pointing at the dataset's top folder")
+    if root is not None and not Path(root).exists():
+        raise FileNotFoundError(f"--root {root} does not exist; point it at the {source} dataset's top folder")
+    out = Path(out)
+    manifest = prepare_dataset(source, out, cfg, root=root, num_samples=num_samples)
+    cfg.save(out / "config.yaml")
+    metrics = {
+        "counts": manifest["counts"],
+        "studies": manifest["studies"],
+        "skipped": manifest["skipped"],
+        "skipped_total": manifest["skipped_total"],
+        "seconds": manifest["seconds"],
+    }
+    return finish("prepare", out, None, metrics, prepare_hash(cfg, source, root, num_samples))
+
+
+def prepare_hash(cfg: Config, source: str, root: str | Path | None, num_samples: int | None) -> str:
+    import hashlib
+    import json
+
+    key = {"data": cfg.to_dict()["data"], "source": source, "root": str(root), "num_samples": num_samples}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

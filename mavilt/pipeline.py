@@ -1,0 +1,120 @@
+"""The main job: prepare -> encoder -> vqgan -> pretrain_text -> stage1 -> stage2 -> evaluate, in one Ray session.
+
+Each step writes ``<run>/<step>/result.json`` (the job's JSON result line). A step is skipped when that file
+exists with the same config hash; the hash of a step covers its own config sections and the hashes of the
+steps it reads from, so changing the VQ-GAN re-runs everything downstream of it and nothing upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mavilt.config import Config
+from mavilt.runs import read_result, write_json
+
+log = logging.getLogger(__name__)
+
+Results = dict[str, dict[str, Any]]
+
+
+@dataclass
+class Step:
+    name: str
+    sections: tuple[str, ...]  # config sections the step depends on
+    needs: tuple[str, ...]  # earlier steps whose outputs it reads
+    run: Callable[[Config, Path, Results], dict[str, Any]]  # (cfg, step dir, upstream results) -> result
+
+
+def _prepare(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+    from mavilt.data.prepare import run_prepare
+
+    return run_prepare("synthetic", out, cfg)
+
+
+STEPS: list[Step] = [
+    Step("prepare", ("data",), (), _prepare),
+]
+
+
+def step_hash(cfg: Config, step: Step, results: Results) -> str:
+    d = cfg.to_dict()
+    key = {
+        "step": step.name,
+        "config": {s: d[s] for s in step.sections},
+        "upstream": {n: results[n]["config_hash"] for n in step.needs},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = None, steps: list[Step] | None = None) -> dict[str, Any]:
+    """Run (or resume) every step; prints a progress line per step and a summary table at the end."""
+    from mavilt.raycluster import ensure_ray
+    from mavilt.runs import finish
+
+    force = set(force or [])
+    steps = steps or STEPS
+    unknown = force - {s.name for s in steps}
+    if unknown:
+        raise ValueError(f"--force {sorted(unknown)}: no such step; steps are {[s.name for s in steps]}")
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    ensure_ray()
+    results: Results = {}
+    summary = []
+    t_all = time.perf_counter()
+    for i, step in enumerate(steps, 1):
+        out = run_dir / step.name
+        h = step_hash(cfg, step, results)
+        previous = read_result(out)
+        if previous and previous.get("config_hash") == h and step.name not in force:
+            results[step.name] = previous
+            _progress(f"[{i}/{len(steps)}] {step.name}: done earlier, skipped")
+            summary.append((step.name, "skipped", 0.0, previous))
+            continue
+        _progress(f"[{i}/{len(steps)}] {step.name}: running ...")
+        t0 = time.perf_counter()
+        result = step.run(cfg, out, results)
+        # The step's own job hash covers its inputs; the pipeline's covers the chain, so it wins here.
+        result["config_hash"] = h
+        write_json(out / "result.json", result)
+        seconds = time.perf_counter() - t0
+        results[step.name] = result
+        summary.append((step.name, "ran", seconds, result))
+        _progress(f"[{i}/{len(steps)}] {step.name}: finished in {seconds:.0f} s")
+    total = time.perf_counter() - t_all
+    table = _summary_table(summary, total)
+    _progress(table)
+    metrics = {name: r.get("metrics", {}) for name, _, _, r in summary}
+    metrics["seconds"] = round(total, 1)
+    report = run_dir / "evaluate" / "report.md"
+    metrics["report"] = str(report) if report.exists() else None
+    final = results.get(steps[-1].name, {})
+    return finish("pipeline", run_dir, final.get("checkpoint"), metrics, step_hash(cfg, steps[-1], results))
+
+
+def _progress(msg: str) -> None:
+    # Progress goes to stderr so stdout stays one JSON line per job.
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _headline(result: dict[str, Any]) -> str:
+    m = result.get("metrics", {})
+    keys = [k for k, v in m.items() if isinstance(v, (int, float))][:4]
+    return ", ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys)
+
+
+def _summary_table(summary: list, total: float) -> str:
+    lines = ["", "| step | status | seconds | headline metrics |", "|---|---|---|---|"]
+    for name, status, seconds, result in summary:
+        lines.append(f"| {name} | {status} | {seconds:.0f} | {_headline(result)} |")
+    lines.append(f"| total | | {total:.0f} | |")
+    return "\n".join(lines)
