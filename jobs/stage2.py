@@ -1,0 +1,16 @@
+"""Stage 2: instruction-tune report generation, report->CXR synthesis and VQA; writes the model bundle.
+
+python jobs/stage2.py --config configs/tiny.yaml --data DIR --tokenizer-checkpoint PATH --init-checkpoint PATH
+                      --storage DIR [--name NAME] [--set k=v]
+On a cluster: ray job submit --working-dir . -- python jobs/stage2.py ...
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable under `ray job submit` too
+
+from mavilt.cli import stage_main  # noqa: E402
+
+if __name__ == "__main__":
+    stage_main("stage2", __doc__)

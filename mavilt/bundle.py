@@ -1,0 +1,221 @@
+"""The model bundle: the one thing evaluation, serving and the inference CLI load.
+
+A directory with ``mavilt.json`` (format version, preset, config, code version, the joint vocabulary, image
+size, and relative paths) and, beside it, ``vqgan/``, ``encoder/`` (when known), ``tokenizer/``, and the LLM
+as full Hugging Face weights (``llm/``) or as theta_0 (``theta0/``: base reference + new rows) plus a LoRA
+adapter (``adapter/``). :func:`load_bundle` is the only loader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mavilt.config import Config, config_from_dict
+from mavilt.llm.vocab import JointVocab
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "mavilt.json"
+
+
+class BundleError(ValueError):
+    pass
+
+
+def write_bundle(out: Path, stage2_checkpoint: Path, vqgan_dir: Path, encoder_dir: Path | None, cfg: Config) -> Path:
+    """Assemble a bundle from the best stage-2 checkpoint and the tokenizer (and encoder) it was trained with."""
+    from mavilt.llm.checkpoint import read_vocab
+    from mavilt.runs import code_version
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ck = Path(stage2_checkpoint)
+    shutil.copytree(vqgan_dir, tmp / "vqgan")
+    if encoder_dir is not None:
+        shutil.copytree(encoder_dir, tmp / "encoder")
+    shutil.copytree(ck / "tokenizer", tmp / "tokenizer")
+    paths: dict[str, str | None] = {"vqgan": "vqgan", "encoder": "encoder" if encoder_dir else None, "tokenizer": "tokenizer",
+                                    "llm": None, "adapter": None, "theta0": None}
+    if (ck / "llm").exists():
+        shutil.copytree(ck / "llm", tmp / "llm")
+        paths["llm"] = "llm"
+    else:
+        shutil.copytree(ck / "adapter", tmp / "adapter")
+        shutil.copytree(ck / "theta0", tmp / "theta0")
+        paths["adapter"], paths["theta0"] = "adapter", "theta0"
+    vocab = read_vocab(ck)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "preset": cfg.preset,
+        "code_version": code_version(),
+        "image_size": cfg.data.image_size,
+        "vocab": vocab.to_dict(),
+        "paths": paths,
+        "source_checkpoint": str(ck),
+        "config": cfg.to_dict(),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+@dataclass
+class Bundle:
+    path: Path
+    config: Config
+    vocab: JointVocab
+    image_size: int
+    tokenizer: Any
+    llm: torch.nn.Module
+    vqgan: torch.nn.Module
+    encoder: torch.nn.Module | None
+    device: torch.device
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    @property
+    def codec(self):
+        from mavilt.llm.sequences import TextCodec
+
+        if not hasattr(self, "_codec"):
+            self._codec = TextCodec(self.tokenizer)
+        return self._codec
+
+    def to_tensor(self, images: Sequence[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] ([H, W] arrays or a [B, 1, H, W] tensor) at the bundle's size."""
+        from mavilt.data.images import resize_pad
+
+        if isinstance(images, torch.Tensor):
+            x = images.float()
+            if x.ndim == 3:
+                x = x[:, None]
+        else:
+            arrs = [a if a.shape == (self.image_size, self.image_size) else resize_pad(np.asarray(a, np.float32), self.image_size)
+                    for a in images]
+            x = torch.from_numpy(np.stack(arrs)[:, None].astype(np.float32))
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise BundleError(f"images must be {self.image_size}x{self.image_size}, got {tuple(x.shape[-2:])}")
+        return x.clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.Tensor:
+        return self.vqgan.encode(self.to_tensor(images).to(self.device)).cpu()
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.vqgan.decode(codes.to(self.device)).float().cpu()
+
+    # ---- the three tasks -------------------------------------------------------------------------
+    def report_from_codes(self, codes: torch.Tensor, *, section: str | None = None, **overrides) -> list[str]:
+        from mavilt.llm.generate import generate_text
+        from mavilt.llm.sequences import report_prompt
+
+        g = self._gen(overrides)
+        section = section or self.config.stage2.report_section
+        prompts = [report_prompt(self.vocab, self.codec, c.numpy(), stage=2, section=section) for c in codes]
+        ids = generate_text(self.llm, self.vocab, prompts, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
+                            do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed)
+        return [self.codec.decode(x) for x in ids]
+
+    def report(self, images, **overrides) -> list[str]:
+        """CXR -> report text (the configured section)."""
+        return self.report_from_codes(self.encode_images(images), **overrides)
+
+    def synthesize_codes(self, texts: Sequence[str], **overrides) -> torch.Tensor:
+        from mavilt.llm.generate import generate_image_codes
+        from mavilt.llm.sequences import synthesis_prompt
+
+        g = self._gen(overrides)
+        ml = self.config.llm.max_length
+        prompts = [synthesis_prompt(self.vocab, self.codec, t, stage=2, max_length=ml) for t in texts]
+        uncond = [synthesis_prompt(self.vocab, self.codec, None, stage=2, max_length=ml) for _ in texts]
+        return generate_image_codes(self.llm, self.vocab, prompts, uncond_prompts=uncond, cfg_scale=g.cfg_scale,
+                                    temperature=g.image_temperature, top_k=g.top_k, top_p=g.top_p if g.do_sample else 1.0,
+                                    seed=g.seed)
+
+    def synthesize(self, texts: Sequence[str], **overrides) -> torch.Tensor:
+        """Report text -> images [B, 1, H, W] in [0, 1]."""
+        return self.decode_codes(self.synthesize_codes(texts, **overrides))
+
+    def vqa_from_codes(self, codes: torch.Tensor, questions: Sequence[str], choices: Sequence[Sequence[str] | None]) -> list[dict[str, Any]]:
+        from mavilt.llm.generate import answer_probabilities, generate_text
+        from mavilt.llm.sequences import vqa_prompt
+
+        prompts = [vqa_prompt(self.vocab, self.codec, c.numpy(), q) for c, q in zip(codes, questions)]
+        out: list[dict[str, Any] | None] = [None] * len(prompts)
+        closed = [i for i, ch in enumerate(choices) if ch]
+        if closed:
+            probs = answer_probabilities(self.llm, self.vocab, self.codec, [prompts[i] for i in closed], [list(choices[i]) for i in closed])
+            for i, p in zip(closed, probs):
+                ch = list(choices[i])
+                out[i] = {"answer": ch[int(np.argmax(p))], "probabilities": dict(zip(ch, map(float, p)))}
+        open_ = [i for i, ch in enumerate(choices) if not ch]
+        if open_:
+            ids = generate_text(self.llm, self.vocab, [prompts[i] for i in open_], max_new_tokens=16, num_beams=1)
+            for i, x in zip(open_, ids):
+                out[i] = {"answer": self.codec.decode(x), "probabilities": None}
+        return out  # type: ignore[return-value]
+
+    def vqa(self, images, questions: Sequence[str], choices: Sequence[Sequence[str] | None] | None = None) -> list[dict[str, Any]]:
+        """CXR + question -> answer; closed questions (with an answer set) also give probabilities."""
+        choices = choices if choices is not None else [None] * len(questions)
+        return self.vqa_from_codes(self.encode_images(images), questions, choices)
+
+    def _gen(self, overrides: dict[str, Any]):
+        import dataclasses
+
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self.config.generate)}
+        if unknown:
+            raise BundleError(f"unknown generation settings {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(self.config.generate)]}")
+        return dataclasses.replace(self.config.generate, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_bundle(path: str | Path, device: str | torch.device | None = None) -> Bundle:
+    """Load a bundle written by stage 2 (``runs/<name>/stage2/bundle``)."""
+    from mavilt.llm.checkpoint import load_tokenizer
+    from mavilt.tokenizer.model import VQGAN
+
+    p = Path(path)
+    mf = p / MANIFEST
+    if not mf.exists():
+        raise BundleError(f"{p} is not a model bundle (no {MANIFEST}); stage 2 writes one at runs/<name>/stage2/bundle")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"bundle {p} has format version {manifest.get('format_version')}; this code reads {FORMAT_VERSION}")
+    cfg = config_from_dict(manifest["config"])
+    vocab = JointVocab.from_dict(manifest["vocab"])
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    paths = manifest["paths"]
+    tokenizer = load_tokenizer(p / paths["tokenizer"])
+    if paths.get("llm"):
+        from transformers import AutoModelForCausalLM
+
+        llm = AutoModelForCausalLM.from_pretrained(str(p / paths["llm"]), local_files_only=True)
+    else:
+        from peft import PeftModel
+
+        from mavilt.llm.model import load_theta0_model
+
+        base, _ = load_theta0_model(p / paths["theta0"], cfg.llm)
+        llm = PeftModel.from_pretrained(base, str(p / paths["adapter"])).merge_and_unload()
+    llm = llm.to(dev).eval()
+    vqgan = VQGAN.from_pretrained(p / paths["vqgan"]).to(dev).eval()
+    encoder = None
+    if paths.get("encoder"):
+        from mavilt.tokenizer.features import CXREncoder
+
+        encoder = CXREncoder.from_pretrained(p / paths["encoder"]).to(dev).eval()
+    return Bundle(path=p, config=cfg, vocab=vocab, image_size=int(manifest["image_size"]), tokenizer=tokenizer, llm=llm,
+                  vqgan=vqgan, encoder=encoder, device=dev, manifest=manifest)

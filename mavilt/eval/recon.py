@@ -1,0 +1,98 @@
+"""Reconstruction quality of an image tokenizer (VQ-GAN or the patch k-means baseline).
+
+All metrics are on images scaled to [0, 1]: PSNR and SSIM (torchmetrics), L1, the edge error (mean absolute
+difference of Sobel gradient magnitudes: does the tokenizer keep lesion edges?), the feature distance under
+phi, and codebook usage and perplexity over the whole set, measured through ``encode`` (which never updates
+or restarts codes, so usage is honest).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
+    from mavilt.tokenizer.loss import image_gradient
+
+    g = image_gradient(x)
+    return torch.sqrt(g.pow(2).sum(dim=1, keepdim=True) + 1e-12)
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    tokenizer: Any,
+    images: torch.Tensor,
+    phi: torch.nn.Module | None = None,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    num_codes: int | None = None,
+    examples: int = 8,
+) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+    """Metrics over ``images`` [B, 1, H, W] in [0, 1]; also returns (inputs, reconstructions) for a grid."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    was_training = getattr(tokenizer, "training", False)
+    if hasattr(tokenizer, "eval"):
+        tokenizer.eval()
+    sums = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0, "edge_error": 0.0, "feat_dist": 0.0}
+    counts = None
+    k = num_codes or getattr(tokenizer, "codebook_size", None)
+    n = 0
+    first = None
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device).float()
+        codes = tokenizer.encode(x)
+        xr = tokenizer.decode(codes).float().clamp(0, 1)
+        b = x.shape[0]
+        # Per-image PSNR averaged (the convention of tokenizer papers), not PSNR of the pooled MSE.
+        sums["psnr"] += float(peak_signal_noise_ratio(xr, x, data_range=1.0, reduction="none", dim=(1, 2, 3)).sum())
+        sums["ssim"] += float(structural_similarity_index_measure(xr, x, data_range=1.0, reduction="none").sum())
+        sums["l1"] += float((xr - x).abs().mean(dim=(1, 2, 3)).sum())
+        sums["edge_error"] += float((gradient_magnitude(xr) - gradient_magnitude(x)).abs().mean(dim=(1, 2, 3)).sum())
+        if phi is not None:
+            sums["feat_dist"] += float((phi.features(xr) - phi.features(x)).pow(2).mean(dim=1).sum())
+        c = codes.flatten().cpu()
+        if k is None:
+            k = int(c.max()) + 1
+        counts = torch.bincount(c, minlength=k) if counts is None else counts + torch.bincount(c, minlength=k)
+        if first is None:
+            first = (x[:examples].cpu(), xr[:examples].cpu())
+        n += b
+    if hasattr(tokenizer, "train") and was_training:
+        tokenizer.train()
+    metrics = {key: v / max(n, 1) for key, v in sums.items()}
+    if phi is None:
+        metrics.pop("feat_dist")
+    p = counts.double() / counts.sum()
+    nz = p[p > 0]
+    metrics["usage"] = float((counts > 0).double().mean())
+    metrics["perplexity"] = float(torch.exp(-(nz * nz.log()).sum()))
+    return metrics, first
+
+
+def recon_grid(inputs: torch.Tensor, recons: torch.Tensor) -> np.ndarray:
+    """Rows of (input | reconstruction | 4x absolute error) as one uint8 image."""
+    rows = []
+    for x, r in zip(inputs, recons):
+        x, r = x[0].numpy(), r[0].numpy()
+        err = np.clip(np.abs(x - r) * 4, 0, 1)
+        rows.append(np.concatenate([x, r, err], axis=1))
+    grid = np.concatenate(rows, axis=0) if rows else np.zeros((1, 1))
+    return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_recon_grid(inputs: torch.Tensor, recons: torch.Tensor, path: str | Path) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(recon_grid(inputs, recons), mode="L").save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    return path

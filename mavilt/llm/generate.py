@@ -1,0 +1,218 @@
+"""Batched decoding with a KV cache for the three tasks.
+
+- Reports: Hugging Face ``generate`` (greedy, beam or nucleus) with every image id and special token
+  suppressed, so only text can come out.
+- Images: our own loop. After the prompt's ``<boi>`` it takes exactly N steps, each restricted to the K image
+  ids, then the span is closed with ``<eoi>``: an image is always N valid codes, with no retry loop.
+  Classifier-free guidance runs the conditional and the unconditional prompt in one batch and mixes the
+  logits: ``u + s * (c - u)``.
+- Closed VQA: each answer in the question's answer set is scored by its log-likelihood after the prompt and
+  the scores are normalised over the set (probabilities, hence AUROC). Open questions decode text.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mavilt.llm.vocab import JointVocab
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), n), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, n - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, n - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---- text ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_text(
+    model: torch.nn.Module,
+    vocab: JointVocab,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 96,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Text continuations (ids, without the prompt and without eos/pad)."""
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    dev = _device(model)
+    ids, mask = left_pad(prompts, vocab.pad_id, dev)
+    gc = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=top_k if do_sample and top_k > 0 else None,
+        eos_token_id=vocab.eos_id,
+        pad_token_id=vocab.pad_id,
+        bos_token_id=vocab.bos_id,
+        suppress_tokens=list(range(vocab.text_vocab_size, vocab.size)),  # no image ids, no <boi>/<eoi>
+        use_cache=True,
+    )
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    model.train(was_training)
+    results = []
+    for row in out[:, ids.shape[1]:].tolist():
+        text = []
+        for t in row:
+            if t in (vocab.eos_id, vocab.pad_id):
+                break
+            text.append(t)
+        results.append(text)
+    return results
+
+
+# ---- images ----------------------------------------------------------------------------------------------
+
+
+def sample_logits(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy when temperature == 0, otherwise top-k / nucleus sampling. logits: [B, K] -> [B]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        cum = probs.cumsum(-1)
+        drop = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.float().softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate_image_codes(
+    model: torch.nn.Module,
+    vocab: JointVocab,
+    prompts: Sequence[Sequence[int]],
+    *,
+    uncond_prompts: Sequence[Sequence[int]] | None = None,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Exactly N codes per prompt (each prompt ends with ``<boi>``): LongTensor [B, N] in [0, K)."""
+    for p in prompts:
+        if not p or p[-1] != vocab.boi_id:
+            raise ValueError("every image prompt must end with <boi>")
+    b = len(prompts)
+    guided = cfg_scale != 1.0
+    if guided:
+        if uncond_prompts is None or len(uncond_prompts) != b:
+            raise ValueError("classifier-free guidance needs one unconditional prompt per prompt")
+        all_prompts = list(prompts) + list(uncond_prompts)
+    else:
+        all_prompts = list(prompts)
+    dev = _device(model)
+    ids, mask = left_pad(all_prompts, vocab.pad_id, dev)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = vocab.first_image_id, vocab.first_image_id + vocab.codebook_size
+    was_training = model.training
+    model.eval()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = out.past_key_values
+    last_pos = positions[:, -1:]
+    codes = []
+    for _ in range(vocab.tokens_per_image):
+        logits = out.logits[:, -1, lo:hi].float()  # only image ids can be chosen
+        if guided:
+            cond, uncond = logits[:b], logits[b:]
+            logits = uncond + cfg_scale * (cond - uncond)
+        code = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+        codes.append(code)
+        nxt = (code + lo).unsqueeze(-1)
+        if guided:
+            nxt = torch.cat([nxt, nxt])  # both halves continue with the guided choice
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=-1)
+        last_pos = last_pos + 1
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=last_pos, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+    model.train(was_training)
+    return torch.stack(codes, dim=1).cpu()
+
+
+# ---- closed questions ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def choice_log_likelihoods(
+    model: torch.nn.Module, vocab: JointVocab, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> np.ndarray:
+    """log p(continuation | prompt), summed over the continuation's tokens, for each pair."""
+    dev = _device(model)
+    scores = np.zeros(len(prompts), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    for s in range(0, len(prompts), batch_size):
+        ps, cs = prompts[s : s + batch_size], continuations[s : s + batch_size]
+        seqs = [list(p) + list(c) for p, c in zip(ps, cs)]
+        n = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), n), vocab.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, x in enumerate(seqs):
+            ids[i, : len(x)] = torch.tensor(x)
+            attn[i, : len(x)] = 1
+        logp = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits.float().log_softmax(-1).cpu()
+        for i, (p, c) in enumerate(zip(ps, cs)):
+            pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+            scores[s + i] = float(logp[i, pos, torch.tensor(list(c))].sum())
+    model.train(was_training)
+    return scores
+
+
+def answer_probabilities(
+    model: torch.nn.Module, vocab: JointVocab, codec, prompts: Sequence[Sequence[int]], choice_sets: Sequence[Sequence[str]]
+) -> list[np.ndarray]:
+    """For each prompt, a probability per answer in its set (softmax of the answers' log-likelihoods)."""
+    from mavilt.llm.sequences import answer_ids
+
+    flat_p, flat_c, owner = [], [], []
+    for i, (p, choices) in enumerate(zip(prompts, choice_sets)):
+        for c in choices:
+            flat_p.append(p)
+            flat_c.append(answer_ids(vocab, codec, c))
+            owner.append(i)
+    ll = choice_log_likelihoods(model, vocab, flat_p, flat_c)
+    out: list[list[float]] = [[] for _ in prompts]
+    for i, v in zip(owner, ll):
+        out[i].append(v)
+    probs = []
+    for v in out:
+        a = np.asarray(v)
+        e = np.exp(a - a.max())
+        probs.append(e / e.sum())
+    return probs
