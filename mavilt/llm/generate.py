@@ -143,7 +143,7 @@ def generate_image_codes(
     was_training = model.training
     model.eval()
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = out.past_key_values
+    cache = _cache_of(out)
     last_pos = positions[:, -1:]
     codes = []
     for _ in range(vocab.tokens_per_image):
@@ -158,10 +158,22 @@ def generate_image_codes(
             nxt = torch.cat([nxt, nxt])  # both halves continue with the guided choice
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=-1)
         last_pos = last_pos + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=last_pos, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=last_pos, use_cache=True, **{_cache_arg(model): cache})
+        cache = _cache_of(out)
     model.train(was_training)
     return torch.stack(codes, dim=1).cpu()
+
+
+def _cache_arg(model: torch.nn.Module) -> str:
+    """transformers 5.2x calls the KV cache ``cache``; earlier releases ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 # ---- closed questions ------------------------------------------------------------------------------------

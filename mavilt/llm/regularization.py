@@ -13,8 +13,8 @@ theta_0 is the LM as loaded before stage 1 with the new rows at their initial va
   all-reduced sum of the partition sums, equal to the DDP value for the same weights.
 - **LoRA**: the base weights are frozen at theta_0, so theta - theta_0 is the merged low-rank delta
   s * B @ A; its squared Frobenius norm is s^2 * trace((B^T B)(A A^T)), computed from r x r matrices without
-  materialising the full delta. The trainable new-token rows (peft's trainable-token deltas) contribute
-  the squared norm of their delta.
+  materialising the full delta. The trainable new-token rows (peft's trainable tokens, which keep the rows'
+  values at wrap time) contribute the squared distance to those values.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Regularizer:
         self.lam = float(lam)
         self.zero3 = False
         self.lora_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter, float]] = []
-        self.deltas: list[torch.nn.Parameter] = []  # parameters that ARE theta - theta_0 (theta_0 = 0)
+        self.token_rows: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # peft trainable tokens: (rows, rows at theta_0)
         self.pairs: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []  # (name, theta, theta_0 same layout)
         self._collect(model, theta0)
 
@@ -58,11 +58,14 @@ class Regularizer:
                     if hasattr(a, "weight") and a.weight.requires_grad:
                         self.lora_pairs.append((a.weight, b.weight, float(module.scaling[adapter])))
                         lora_seen.update({id(a.weight), id(b.weight)})
+            # peft trainable tokens: the selected rows' current values and their values when wrapped (theta_0)
+            if hasattr(module, "trainable_tokens_delta") and hasattr(module, "trainable_tokens_original"):
+                for adapter, rows in module.trainable_tokens_delta.items():
+                    if rows.requires_grad and id(rows) not in lora_seen:
+                        self.token_rows.append((rows, module.trainable_tokens_original[adapter].detach().float()))
+                        lora_seen.add(id(rows))
         for name, p in model.named_parameters():
             if not p.requires_grad or id(p) in lora_seen:
-                continue
-            if "trainable_tokens_delta" in name:
-                self.deltas.append(p)
                 continue
             key = canonical_name(name)
             if key not in theta0:
@@ -88,8 +91,8 @@ class Regularizer:
             # ||s B A||_F^2 = s^2 trace((B^T B)(A A^T)), both r x r
             term = (s * s) * torch.trace((b.float().t() @ b.float()) @ (a.float() @ a.float().t()))
             total = term if total is None else total + term
-        for d in self.deltas:
-            term = d.float().pow(2).sum()
+        for rows, ref in self.token_rows:
+            term = (rows.float() - ref.to(rows.device)).pow(2).sum()
             total = term if total is None else total + term
         if total is None:
             total = torch.zeros((), device=self._device())
@@ -140,8 +143,8 @@ class Regularizer:
             return _device_of(p)
         for a, _, _ in self.lora_pairs:
             return a.device
-        for d in self.deltas:
-            return d.device
+        for rows, _ in self.token_rows:
+            return rows.device
         return torch.device("cpu")
 
 

@@ -1,0 +1,306 @@
+"""The LLM half without Ray: vocabulary arithmetic, task formats and loss masks, bucketing, lambda_reg,
+theta_0 hand-off, constrained generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mavilt.config import load_config
+from mavilt.llm.generate import answer_probabilities, generate_image_codes, generate_text, sample_logits
+from mavilt.llm.model import apply_finetune_mode, build_tiny_lm, extend_vocabulary, load_theta0_model, save_theta0
+from mavilt.llm.regularization import Regularizer, theta0_state
+from mavilt.llm.sequences import (
+    IGNORE,
+    TextCodec,
+    bucket_batches,
+    collate,
+    epoch_examples,
+    padding_fraction,
+    report_prompt,
+    synthesis_prompt,
+    task_example,
+    text_examples,
+    vqa_prompt,
+)
+from mavilt.llm.textdata import train_bpe_tokenizer
+from mavilt.llm.vocab import JointVocab, VocabError
+
+TEXTS = [
+    "The heart size is normal. No pleural effusion or pneumothorax.",
+    "Moderate cardiomegaly. Small left pleural effusion.",
+    "The lungs are clear. No focal consolidation.",
+    "Right lower lobe consolidation, could represent pneumonia.",
+] * 30
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llm")
+    tok = train_bpe_tokenizer(TEXTS, 320, d / "tok")
+    cfg = load_config("tiny", ["llm.hidden_size=64", "llm.num_layers=2", "llm.num_heads=2", "llm.intermediate_size=128"])
+    torch.manual_seed(0)
+    model = build_tiny_lm(cfg.llm, tok)
+    model.save_pretrained(d / "base")
+    tok.save_pretrained(d / "base")
+    vocab = JointVocab.for_tokenizer(tok, codebook_size=32, tokens_per_image=16)
+    extend_vocabulary(model, vocab, seed=0)
+    save_theta0(d / "theta0", d / "base", model, vocab)
+    return {"dir": d, "tok": tok, "cfg": cfg, "model": model, "vocab": vocab, "codec": TextCodec(tok)}
+
+
+def row(codes=None, findings="Moderate cardiomegaly. Small left pleural effusion.", vqa=True):
+    return {
+        "codes": np.arange(16) % 32 if codes is None else codes,
+        "findings": findings,
+        "impression": "Cardiomegaly and effusion.",
+        "vqa": [{"question": "Is there a pleural effusion?", "answer": "yes", "type": "presence", "choices": ["yes", "no"]}] if vqa else [],
+    }
+
+
+# ---- vocabulary ---------------------------------------------------------------------------------------
+
+
+def test_vocab_arithmetic_round_trips():
+    v = JointVocab(text_vocab_size=1000, codebook_size=256, tokens_per_image=64, pad_id=0, bos_id=1, eos_id=2)
+    codes = np.arange(256)
+    ids = v.image_ids(codes)
+    assert ids.min() == 1000 and ids.max() == 1255
+    assert np.array_equal(v.codes(ids), codes)
+    assert torch.equal(v.codes(v.image_ids(torch.arange(256))), torch.arange(256))
+    assert (v.boi_id, v.eoi_id, v.size) == (1256, 1257, 1258)
+    assert v.is_image(np.array([999, 1000, 1255, 1256])).tolist() == [False, True, True, False]
+    span = v.image_span(np.zeros(64, dtype=int))
+    assert len(span) == 66 and span[0] == v.boi_id and span[-1] == v.eoi_id
+    assert JointVocab.from_dict(v.to_dict()) == v
+    with pytest.raises(VocabError, match="out of range"):
+        v.image_ids(np.array([256]))
+    with pytest.raises(VocabError, match="out of range"):
+        v.codes(np.array([999]))
+    with pytest.raises(VocabError, match="64 codes"):
+        v.image_span(np.zeros(10, dtype=int))
+    bad = v.to_dict() | {"boi_id": 5}
+    with pytest.raises(VocabError, match="inconsistent"):
+        JointVocab.from_dict(bad)
+
+
+def test_extended_model_has_new_rows_near_the_mean(small):
+    m, v = small["model"], small["vocab"]
+    w = m.get_input_embeddings().weight.detach()
+    assert w.shape[0] == v.size
+    old, new = w[: v.text_vocab_size], w[v.text_vocab_size:]
+    assert torch.allclose(new.mean(0), old.mean(0), atol=3 * old.std(0).max().item())
+    assert new.std(0).mean() > 0  # distinct rows
+    assert m.get_output_embeddings().weight.shape[0] == v.size
+
+
+def test_theta0_reference_round_trip(small):
+    m2, v2 = load_theta0_model(small["dir"] / "theta0", small["cfg"].llm)
+    assert v2 == small["vocab"]
+    for (n, a), (_, b) in zip(small["model"].state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+# ---- sequences and loss masks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["image_to_report", "report", "report_to_image", "synthesize", "vqa"])
+def test_loss_mask_covers_exactly_the_response(small, task):
+    v, codec = small["vocab"], small["codec"]
+    ex = task_example(task, row(), v, codec, section="findings", max_length=200, rng=np.random.default_rng(0))
+    ids = np.array(ex.input_ids)
+    mask = np.array(ex.loss_mask)
+    first = int(np.argmax(mask))
+    assert mask[first:].all() and not mask[:first].any()  # one contiguous response at the end
+    response = ids[mask]
+    if task in ("report_to_image", "synthesize"):
+        assert ids[first - 1] == v.boi_id
+        assert len(response) == v.tokens_per_image + 1 and response[-1] == v.eoi_id
+        assert np.array_equal(v.codes(response[:-1]), row()["codes"])
+    else:
+        assert response[-1] == v.eos_id
+        text = codec.decode(response[:-1].tolist())
+        assert text == ("yes" if task == "vqa" else row()["findings"])
+        assert not v.is_image(response).any()
+    batch = collate([ex], v.pad_id)
+    labels = batch["labels"][0]
+    assert torch.equal(labels != IGNORE, torch.tensor(mask))
+
+
+def test_prompts_share_formats_with_training(small):
+    v, codec = small["vocab"], small["codec"]
+    c = row()["codes"]
+    ex = task_example("report", row(), v, codec, section="findings", max_length=200, rng=np.random.default_rng(3))
+    prompt = [t for t, m in zip(ex.input_ids, ex.loss_mask) if not m]
+    assert prompt in [report_prompt(v, codec, c, section="findings", paraphrase=i) for i in range(4)]
+    sp = synthesis_prompt(v, codec, "Small effusion.")
+    assert sp[-1] == v.boi_id and sp[0] == v.bos_id
+    unc = synthesis_prompt(v, codec, None)
+    dropped = task_example("synthesize", row(), v, codec, section="findings", max_length=200,
+                           rng=np.random.default_rng(0), condition_dropout=1.0)
+    assert [t for t, m in zip(dropped.input_ids, dropped.loss_mask) if not m] == unc
+    vp = vqa_prompt(v, codec, c, "Is there a pleural effusion?")
+    assert vp[1] == v.boi_id and vp[2 + v.tokens_per_image] == v.eoi_id
+
+
+def test_long_reports_are_cut_to_fit_but_images_never(small):
+    v, codec = small["vocab"], small["codec"]
+    long = " ".join(["The lungs are clear."] * 80)
+    for task in ("report", "synthesize"):
+        ex = task_example(task, row(findings=long), v, codec, section="findings", max_length=60, rng=np.random.default_rng(0))
+        assert len(ex) <= 60
+        if task == "synthesize":
+            resp = np.array(ex.input_ids)[np.array(ex.loss_mask)]
+            assert len(resp) == v.tokens_per_image + 1
+
+
+def test_rows_without_reports_or_vqa_give_no_example(small):
+    v, codec = small["vocab"], small["codec"]
+    assert task_example("vqa", row(vqa=False), v, codec, section="findings", max_length=200, rng=np.random.default_rng(0)) is None
+    assert task_example("report", row(findings=""), v, codec, section="findings", max_length=200, rng=np.random.default_rng(0)) is None
+    with pytest.raises(ValueError, match="unknown task"):
+        task_example("caption", row(), v, codec, section="findings", max_length=200, rng=np.random.default_rng(0))
+
+
+def test_epoch_examples_follow_task_weights_and_are_deterministic(small):
+    v, codec = small["vocab"], small["codec"]
+    rows = [row(codes=np.full(16, i % 32)) for i in range(20)]
+    kw = dict(section="findings", max_length=200, seed=1, condition_dropout=0.1)
+    a = epoch_examples(rows, {"report": 1.0, "synthesize": 2.0, "vqa": 0.5}, v, codec, epoch=0, **kw)
+    b = epoch_examples(rows, {"report": 1.0, "synthesize": 2.0, "vqa": 0.5}, v, codec, epoch=0, **kw)
+    c = epoch_examples(rows, {"report": 1.0, "synthesize": 2.0, "vqa": 0.5}, v, codec, epoch=1, **kw)
+    counts = {t: sum(e.task == t for e in a) for t in ("report", "synthesize", "vqa")}
+    assert counts == {"report": 20, "synthesize": 40, "vqa": 10}
+    assert [e.input_ids for e in a] == [e.input_ids for e in b]
+    assert [e.input_ids for e in a] != [e.input_ids for e in c]
+
+
+def test_text_examples_window_long_documents(small):
+    v, codec = small["vocab"], small["codec"]
+    doc = " ".join(TEXTS[:8])
+    exs = text_examples(v, codec, doc, max_length=16)
+    assert all(len(e) <= 16 for e in exs) and len(exs) > 2
+    assert all(e.input_ids[0] == v.bos_id and not e.loss_mask[0] and all(e.loss_mask[1:]) for e in exs)
+    assert exs[-1].input_ids[-1] == v.eos_id
+
+
+def test_bucketing_keeps_padding_small():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 200, size=2000).tolist()
+    bucketed = bucket_batches(lengths, 16, seed=0, epoch=0)
+    order = rng.permutation(2000).tolist()
+    plain = [order[i : i + 16] for i in range(0, 2000 - 15, 16)]
+    assert padding_fraction(bucketed, lengths) < 0.05 < padding_fraction(plain, lengths)
+    assert len({i for b in bucketed for i in b}) == len(bucketed) * 16  # no example twice
+    assert bucket_batches(lengths, 16, 0, 0) == bucketed and bucket_batches(lengths, 16, 0, 1) != bucketed
+
+
+# ---- lambda_reg ---------------------------------------------------------------------------------------------
+
+
+def test_regularizer_is_zero_at_theta0_and_its_gradient_is_2_lambda_delta(small):
+    torch.manual_seed(0)
+    m, _ = load_theta0_model(small["dir"] / "theta0", small["cfg"].llm)
+    theta0 = theta0_state(m)
+    reg = Regularizer(m, theta0, lam=0.3)
+    assert float(reg.penalty()) == 0.0 and reg.drift() == 0.0
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    m.zero_grad()
+    pen = reg.penalty()
+    pen.backward()
+    expected_value = 0.0
+    for n, p in m.named_parameters():
+        delta = p.detach() - theta0[n]
+        expected_value += float(delta.pow(2).sum())
+        assert torch.allclose(p.grad, 2 * 0.3 * delta, atol=1e-6), n
+    assert float(pen) == pytest.approx(0.3 * expected_value, rel=1e-5)
+    assert reg.drift() == pytest.approx(expected_value**0.5, rel=1e-5)
+
+
+def test_lora_penalty_is_the_merged_delta_norm(small):
+    cfg = load_config("tiny", ["llm.finetune=lora", "llm.lora_r=4", "llm.hidden_size=64", "llm.num_layers=2",
+                               "llm.num_heads=2", "llm.intermediate_size=128"])
+    base, vocab = load_theta0_model(small["dir"] / "theta0", cfg.llm)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = apply_finetune_mode(base, cfg.llm, vocab)
+    reg = Regularizer(model, {}, lam=1.0)
+    assert reg.lora_pairs and reg.token_rows
+    assert float(reg.penalty()) == pytest.approx(0.0, abs=1e-12)  # B = 0 and token deltas = 0 at start
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    merged = model.merge_and_unload()
+    explicit = sum(float((p.detach() - before[n]).pow(2).sum()) for n, p in merged.named_parameters() if n in before)
+    assert float(reg.squared_distance()) == pytest.approx(explicit, rel=1e-3)
+
+
+def test_trainable_new_rows_in_lora_mode(small):
+    cfg = load_config("tiny", ["llm.finetune=lora", "llm.lora_r=4", "llm.hidden_size=64", "llm.num_layers=2",
+                               "llm.num_heads=2", "llm.intermediate_size=128"])
+    base, vocab = load_theta0_model(small["dir"] / "theta0", cfg.llm)
+    model = apply_finetune_mode(base, cfg.llm, vocab)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
+    assert not any(n.endswith("embed_tokens.weight") and "token_adapter" not in n for n in trainable)
+
+
+# ---- generation --------------------------------------------------------------------------------------------
+
+
+def test_generated_image_spans_are_always_n_valid_codes(small):
+    m, v, codec = small["model"], small["vocab"], small["codec"]
+    prompts = [synthesis_prompt(v, codec, t) for t in TEXTS[:3]] + [synthesis_prompt(v, codec, None)]
+    unc = [synthesis_prompt(v, codec, None)] * 4
+    for kwargs in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 5}, {"temperature": 1.0, "top_p": 0.5},
+                   {"temperature": 1.0, "cfg_scale": 3.0, "uncond_prompts": unc}):
+        codes = generate_image_codes(m, v, prompts, seed=1, **kwargs)
+        assert codes.shape == (4, v.tokens_per_image)
+        assert int(codes.min()) >= 0 and int(codes.max()) < v.codebook_size
+    a = generate_image_codes(m, v, prompts, seed=5, temperature=1.0)
+    b = generate_image_codes(m, v, prompts, seed=5, temperature=1.0)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="<boi>"):
+        generate_image_codes(m, v, [prompts[0][:-1]])
+
+
+def test_image_generation_is_the_same_batched_and_alone(small):
+    m, v, codec = small["model"], small["vocab"], small["codec"]
+    prompts = [synthesis_prompt(v, codec, t) for t in (TEXTS[0], TEXTS[1] + " " + TEXTS[2])]
+    together = generate_image_codes(m, v, prompts, temperature=0.0)
+    for i, p in enumerate(prompts):
+        assert torch.equal(generate_image_codes(m, v, [p], temperature=0.0)[0], together[i])
+
+
+def test_reports_contain_text_ids_only(small):
+    m, v, codec = small["model"], small["vocab"], small["codec"]
+    # Make image ids the most likely outputs: generation must still never emit them.
+    with torch.no_grad():
+        m.get_output_embeddings().weight[v.text_vocab_size:] *= 50
+    try:
+        prompts = [report_prompt(v, codec, np.arange(16) % 32)] * 2
+        for beams in (1, 3):
+            out = generate_text(m, v, prompts, max_new_tokens=12, num_beams=beams)
+            assert all(t < v.text_vocab_size for seq in out for t in seq)
+    finally:
+        with torch.no_grad():
+            m.get_output_embeddings().weight[v.text_vocab_size:] /= 50
+
+
+def test_closed_vqa_probabilities_sum_to_one(small):
+    m, v, codec = small["model"], small["vocab"], small["codec"]
+    prompts = [vqa_prompt(v, codec, np.arange(16) % 32, "Which side?")] * 2
+    probs = answer_probabilities(m, v, codec, prompts, [["left", "right", "bilateral"], ["yes", "no"]])
+    assert [len(p) for p in probs] == [3, 2]
+    assert all(abs(p.sum() - 1) < 1e-9 and (p > 0).all() for p in probs)
+
+
+def test_nucleus_sampling_keeps_the_top_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {int(sample_logits(logits, temperature=1.0, top_k=0, top_p=0.7, generator=torch.Generator().manual_seed(s)))
+            for s in range(200)}
+    assert seen == {0, 1}
+    assert int(sample_logits(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None)) == 0
