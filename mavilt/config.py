@@ -78,11 +78,14 @@ class VQGANConfig:
     channels: int = 64
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])  # n entries halve the size n-1 times: 2**(n-1) == downsample
     num_res_blocks: int = 1
+    mid_block: bool = True  # two ResNet blocks at the lowest resolution (encoder and decoder)
     codebook_size: int = 256
     code_dim: int = 32
     codebook_decay: float = 0.95  # EMA decay of the codebook
     commitment_weight: float = 0.25
     dead_code_threshold: float = 1.0  # codes used fewer times per batch than this are restarted
+    use_cosine_sim: bool = False  # l2-normalised codes and inputs (cosine distance) instead of Euclidean
+    kmeans_init: bool = False  # initialise the codebook by k-means on the first training batch
     lambda_l1: float = 1.0
     lambda_grad: float = 1.0
     lambda_feat: float = 0.1

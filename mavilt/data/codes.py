@@ -104,14 +104,18 @@ def _encode_split_ray(files: list[Path], vqgan_dir: str | Path, out: Path, batch
 
     ensure_ray()
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    gpus = int(ray.available_resources().get("GPU", 0))
     ds = ray.data.read_parquet([str(f) for f in files], columns=["image_id", "image"])
+    # Leave one CPU to the readers, or the encoders wait forever for PNGs nobody can read.
+    actors = max(1, min(gpus or cpus - 1, 8))
     ds = ds.map_batches(
         _Encoder,
         fn_constructor_kwargs={"vqgan_dir": str(vqgan_dir), "threads": 1},
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(cpus, 2)),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
+        num_gpus=1 if gpus else 0,
     )
     rows = ds.take_all()
     _write(rows, out)

@@ -23,13 +23,9 @@ log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
 
 
-def latest_checkpoint_dir() -> Iterator[Path | None]:
-    """Context manager yielding the directory of the checkpoint to resume from (or None)."""
-    return _latest()
-
-
 @contextmanager
-def _latest() -> Iterator[Path | None]:
+def latest_checkpoint_dir() -> Iterator[Path | None]:
+    """The directory of the checkpoint to resume from (None on a fresh run)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -51,16 +47,24 @@ def report(
     write: Callable[[Path], None] | None = None,
     *,
     all_ranks_write: bool = False,
+    history: str | Path | None = None,
 ) -> None:
     """``ray.train.report`` with an optional checkpoint written by ``write(dir)``.
 
     Rank 0 writes the checkpoint (``all_ranks_write`` for sharded DeepSpeed states, whose per-rank files Ray
-    merges into one directory). Every rank calls this the same number of times: it is a barrier.
+    merges into one directory) and appends the metrics to ``history`` (JSON lines: every report, not only
+    the checkpointed ones). Every rank calls this the same number of times: it is a barrier.
     """
+    import json
+
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
     metrics = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()}
+    if history is not None and rank == 0:
+        Path(history).parent.mkdir(parents=True, exist_ok=True)
+        with open(history, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
     if write is None or (rank != 0 and not all_ranks_write):
         ray.train.report(metrics, checkpoint=None)
         return

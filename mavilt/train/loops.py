@@ -52,6 +52,10 @@ def setup_worker(cfg: Config, seed: int) -> Worker:
     return Worker(rank=rank, world_size=world, device=device)
 
 
+def _history_file(config: dict[str, Any]) -> Path | None:
+    return Path(config["output"]) / "history.jsonl" if config.get("output") else None
+
+
 def autocast(device: torch.device):
     """bf16 autocast on GPU; a no-op on CPU (CPU bf16 is slower than fp32 for these small convs)."""
     if device.type == "cuda":
@@ -147,6 +151,7 @@ def encoder_loop(config: dict[str, Any]) -> None:
     train = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("validate")
     gen = torch.Generator().manual_seed(ec.seed * 1000 + w.rank)
+    history = _history_file(config)
     t0, seen, running = time.perf_counter(), 0, []
 
     def evaluate() -> dict[str, float]:
@@ -191,10 +196,10 @@ def encoder_loop(config: dict[str, Any]) -> None:
         if step % ec.eval_every == 0 or step == ec.max_steps:
             metrics = {"step": step, "train_loss": float(np.mean(running)), "images_per_s": seen * w.world_size / (time.perf_counter() - t0)}
             metrics.update(evaluate() if w.is_main else {})
-            report(metrics, write(step))
+            report(metrics, write(step), history=history)
             running = []
         elif step % max(1, ec.eval_every // 4) == 0:
-            report({"step": step, "train_loss": float(np.mean(running))})
+            report({"step": step, "train_loss": float(np.mean(running))}, history=history)
 
 
 # ---- the VQ-GAN tokenizer ---------------------------------------------------------------------------------
@@ -238,6 +243,7 @@ def vqgan_loop(config: dict[str, Any]) -> None:
     train = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("validate")
     out_dir = Path(config["output"]) if config.get("output") else None
+    history = _history_file(config)
     t0, seen = time.perf_counter(), 0
     running: dict[str, list[float]] = {}
 
@@ -287,10 +293,10 @@ def vqgan_loop(config: dict[str, Any]) -> None:
                 metrics.update(val_metrics)
                 if out_dir is not None:
                     save_recon_grid(*example, out_dir / f"recon_step{step:06d}.png")
-            report(metrics, write(step, example) if w.is_main else None)
+            report(metrics, write(step, example) if w.is_main else None, history=history)
             running = {}
         elif step % max(1, vc.eval_every // 5) == 0:
-            report({"step": step, **{f"train_{k}": float(np.mean(v)) for k, v in running.items()}})
+            report({"step": step, **{f"train_{k}": float(np.mean(v)) for k, v in running.items()}}, history=history)
 
 
 # ---- text pretraining, stage 1 and stage 2: one loop ---------------------------------------------------
@@ -347,6 +353,8 @@ def llm_loop(config: dict[str, Any]) -> None:
                 save_common(d, config["cfg"], {"step": step, "stage": stage, **engine.train_state()})
         return _w
 
+    history = _history_file(config)
+    fail_at = config.get("_inject_failure_at_step")  # tests of fault tolerance: crash once, after a checkpoint
     t0, tokens, running = time.perf_counter(), 0, {}
     model_ = engine.module()
     model_.train()
@@ -372,9 +380,11 @@ def llm_loop(config: dict[str, Any]) -> None:
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 metrics.update(evaluate_llm(engine, data, vocab, w))
                 model_.train()
-                report(metrics, write(step, metrics), all_ranks_write=engine.writes_on_all_ranks)
+                report(metrics, write(step, metrics), all_ranks_write=engine.writes_on_all_ranks, history=history)
             else:
-                report(metrics)
+                report(metrics, history=history)
+        if fail_at is not None and step == fail_at and start < fail_at:
+            raise RuntimeError(f"injected failure after step {step} (test of resume)")
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str]) -> tuple[torch.Tensor, dict[str, float]]:

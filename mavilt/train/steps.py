@@ -65,7 +65,7 @@ def run_encoder(cfg: Config, data: str | Path, storage: str | Path, name: str = 
     from mavilt.train.loops import encoder_loop, vision_datasets
 
     out = _prepare_out(storage, name, cfg)
-    outcome = fit(encoder_loop, {"cfg": cfg.to_dict()}, cfg.compute, storage=Path(storage).resolve(), name=name,
+    outcome = fit(encoder_loop, {"cfg": cfg.to_dict(), "output": str(out)}, cfg.compute, storage=Path(storage).resolve(), name=name,
                   score=("val_auroc_mean", "max"), datasets=vision_datasets(data))
     metrics = {"best_step": outcome.best_metrics.get("step"), **_numeric(outcome.best_metrics)}
     return finish("encoder", out, outcome.best_checkpoint, metrics, _hash(cfg.to_dict()["encoder"], str(data)))
@@ -123,7 +123,7 @@ def run_pretrain_text(cfg: Config, data: str | Path, storage: str | Path, name: 
         train_bpe_tokenizer(train_texts, cfg.llm.text_vocab_size, tok_dir)
     datasets = {"train": ray.data.from_items([{"text": t} for t in train_texts]),
                 "heldout_text": ray.data.from_items([{"text": t} for t in heldout])}
-    outcome = fit(llm_loop, {"cfg": cfg.to_dict(), "stage": "pretrain_text", "tokenizer_dir": str(tok_dir)},
+    outcome = fit(llm_loop, {"cfg": cfg.to_dict(), "stage": "pretrain_text", "tokenizer_dir": str(tok_dir), "output": str(out)},
                   cfg.compute, storage=Path(storage).resolve(), name=name, score=("val_loss", "min"),
                   datasets=datasets, split=())
     metrics = {**corpus, "best_step": outcome.best_metrics.get("step"), **_numeric(outcome.best_metrics)}
@@ -134,7 +134,10 @@ def run_pretrain_text(cfg: Config, data: str | Path, storage: str | Path, name: 
 
 
 def llm_datasets(data: str | Path, codes_dir: Path, heldout: list[str]) -> dict[str, Any]:
-    """Training and validation rows with their cached codes attached by Ray Data, plus held-out text."""
+    """Training and validation rows with their cached codes attached by Ray Data, plus held-out text.
+
+    Materialised on the driver before training starts: the rows are small (ids and text), every worker pulls
+    them once, and the train workers then never compete with Ray Data for CPUs."""
     import ray.data
 
     from mavilt.data.shards import ray_dataset
@@ -144,8 +147,8 @@ def llm_datasets(data: str | Path, codes_dir: Path, heldout: list[str]) -> dict[
     for split in ("train", "validate"):
         ds = ray_dataset(data, split, columns=cols)
         out[split] = ds.map_batches(_AttachCodes, fn_constructor_kwargs={"cache": str(codes_dir), "split": split},
-                                    batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-    out["heldout_text"] = ray.data.from_items([{"text": t} for t in heldout])
+                                    batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1)).materialize()
+    out["heldout_text"] = ray.data.from_items([{"text": t} for t in heldout]).materialize()
     return out
 
 
@@ -181,8 +184,10 @@ def resolve_init(path: str | Path) -> tuple[Path, Path]:
 
 def run_stage(stage: str, cfg: Config, data: str | Path, tokenizer_checkpoint: str | Path, init_checkpoint: str | Path,
               storage: str | Path, name: str | None = None, encoder_checkpoint: str | Path | None = None,
-              iu_dir: str | Path | None = None) -> dict[str, Any]:
-    """Stage 1 (from a pretrained LM) or stage 2 (from a stage-1 checkpoint); stage 2 writes a model bundle."""
+              iu_dir: str | Path | None = None, loop_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stage 1 (from a pretrained LM) or stage 2 (from a stage-1 checkpoint); stage 2 writes a model bundle.
+
+    ``loop_overrides`` reach the worker loop unchanged (tests use it to inject a failure)."""
     from mavilt.data.codes import build_code_cache
     from mavilt.llm.checkpoint import load_tokenizer, read_vocab
     from mavilt.llm.model import extend_vocabulary, load_lm, save_theta0
@@ -202,7 +207,7 @@ def run_stage(stage: str, cfg: Config, data: str | Path, tokenizer_checkpoint: s
     tc = getattr(cfg, stage)
     _, heldout = pretraining_corpus(data, iu_dir or DEFAULT_IU_REPORTS, cfg.pretrain_text.heldout_fraction, cfg.pretrain_text.seed)
 
-    loop_cfg: dict[str, Any] = {"cfg": cfg.to_dict(), "stage": stage}
+    loop_cfg: dict[str, Any] = {"cfg": cfg.to_dict(), "stage": stage, "output": str(out), **(loop_overrides or {})}
     if stage == "stage1":
         model_dir, tok_dir = resolve_init(init_checkpoint)
         theta0_dir = out / "theta0"

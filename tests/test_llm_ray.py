@@ -1,0 +1,187 @@
+"""Stage 1 and stage 2 on the real Ray Train path (shared local cluster): DDP with 2 workers, DeepSpeed
+ZeRO-2/3 on CPU with save and resume of sharded checkpoints, exact resume after a failure, lambda_reg's effect,
+and the model bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mavilt.config import load_config
+
+pytestmark = pytest.mark.ray
+
+BASE = [
+    "data.image_size=32",
+    "vqgan.channels=8",
+    "vqgan.codebook_size=32",
+    "vqgan.code_dim=8",
+    "llm.hidden_size=32",
+    "llm.num_layers=2",
+    "llm.num_heads=2",
+    "llm.intermediate_size=64",
+    "llm.max_length=96",
+    "compute.num_workers=2",
+    "compute.cpus_per_worker=0.5",
+    "compute.torch_threads=1",
+    "compute.max_failures=1",
+]
+
+
+def stage_overrides(stage: str, **kw) -> list[str]:
+    d = {"batch_size": 4, "max_steps": 4, "eval_every": 2, "log_every": 1, "warmup_steps": 1, "lambda_reg": 0.01, "lr": 3e-3}
+    d.update(kw)
+    return [f"{stage}.{k}={v}" for k, v in d.items()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_session):
+    """A 48-image synthetic set at 32 px, an untrained VQ-GAN and a tiny 'pretrained' LM."""
+    from mavilt.data.prepare import prepare_dataset
+    from mavilt.llm.model import build_tiny_lm
+    from mavilt.llm.textdata import report_documents, train_bpe_tokenizer
+    from mavilt.tokenizer.model import VQGAN
+
+    root = tmp_path_factory.mktemp("llmworld")
+    cfg = load_config("tiny", BASE)
+    prepare_dataset("synthetic", root / "data", cfg, num_samples=48, use_ray=False)
+    torch.manual_seed(0)
+    VQGAN(cfg.vqgan, image_size=32).save_pretrained(root / "vqgan" / "vqgan")
+    tok = train_bpe_tokenizer(report_documents(root / "data"), 400, root / "lm" / "tokenizer")
+    build_tiny_lm(cfg.llm, tok).save_pretrained(root / "lm" / "llm")
+    return root
+
+
+def run(world, stage, storage, name, extra=(), init=None, loop_overrides=None):
+    from mavilt.train.steps import run_stage
+
+    cfg = load_config("tiny", BASE + list(extra))
+    return run_stage(stage, cfg, world / "data", world / "vqgan", init or world / "lm", storage, name,
+                     iu_dir=world / "no-iu", loop_overrides=loop_overrides)
+
+
+def history(result) -> list[dict]:
+    return [json.loads(x) for x in (Path(result["output"]) / "history.jsonl").read_text().splitlines()]
+
+
+def test_stage1_then_stage2_two_ddp_workers_write_a_working_bundle(world, tmp_path):
+    from mavilt import load_bundle
+
+    r1 = run(world, "stage1", tmp_path, "s1", stage_overrides("stage1"))
+    assert r1["job"] == "stage1" and Path(r1["checkpoint"], "llm", "config.json").exists()
+    m = r1["metrics"]
+    for key in ("train_loss/image_to_report", "train_loss/report_to_image", "reg_term", "drift", "tokens_per_s", "val_loss"):
+        assert key in m["final"] or key in m, key
+    assert m["final"]["drift"] > 0
+    assert json.loads((Path(r1["output"]) / "result.json").read_text())["checkpoint"] == r1["checkpoint"]
+
+    r2 = run(world, "stage2", tmp_path, "s2", stage_overrides("stage2"), init=r1["checkpoint"])
+    bundle_dir = Path(r2["checkpoint"])
+    assert bundle_dir.name == "bundle" and (bundle_dir / "mavilt.json").exists()
+    assert {"train_loss/report", "train_loss/synthesize", "train_loss/vqa"} <= set(r2["metrics"]["final"])
+    b = load_bundle(bundle_dir, device="cpu")
+    v = b.vocab
+    assert (v.codebook_size, v.tokens_per_image) == (32, 16)
+    images = torch.rand(2, 1, 32, 32)
+    reports = b.report(images, max_new_tokens=8, num_beams=1)
+    assert len(reports) == 2 and all(isinstance(r, str) for r in reports)
+    synth = b.synthesize(["Small left pleural effusion.", "Normal chest."], cfg_scale=2.0)
+    assert synth.shape == (2, 1, 32, 32) and 0 <= float(synth.min()) and float(synth.max()) <= 1
+    ans = b.vqa(images, ["Is there a pleural effusion?", "Which side?"], [["yes", "no"], ["left", "right", "bilateral"]])
+    assert [a["answer"] in c for a, c in zip(ans, (["yes", "no"], ["left", "right", "bilateral"]))] == [True, True]
+    assert abs(sum(ans[1]["probabilities"].values()) - 1) < 1e-6
+
+
+def test_resume_after_failure_gives_the_same_loss_as_an_uninterrupted_run(world, tmp_path):
+    over = stage_overrides("stage1", max_steps=3, eval_every=2) + ["compute.num_workers=1", "compute.cpus_per_worker=1"]
+    straight = history(run(world, "stage1", tmp_path, "straight", over))
+    broken = run(world, "stage1", tmp_path, "broken", over, loop_overrides={"_inject_failure_at_step": 2})
+    resumed = history(broken)
+    at = {h["step"]: h["train_loss"] for h in straight}
+    after = {h["step"]: h["train_loss"] for h in resumed}
+    assert after[3] == pytest.approx(at[3], rel=1e-5, abs=1e-6)
+    assert after[1] == pytest.approx(at[1], rel=1e-6)
+    # Started again under the same name, a finished run resumes at its last step and does nothing more.
+    again = run(world, "stage1", tmp_path, "broken", over)
+    assert len(history(again)) == len(resumed) + 1 and history(again)[-1]["step"] == 3
+
+
+def test_larger_lambda_reg_gives_smaller_drift(world, tmp_path):
+    common = ["compute.num_workers=1", "compute.cpus_per_worker=1"]
+    free = run(world, "stage1", tmp_path, "free", stage_overrides("stage1", max_steps=6, eval_every=6, lambda_reg=0.0) + common)
+    tight = run(world, "stage1", tmp_path, "tight", stage_overrides("stage1", max_steps=6, eval_every=6, lambda_reg=50.0) + common)
+    assert tight["metrics"]["final"]["drift"] < 0.8 * free["metrics"]["final"]["drift"]
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_on_cpu_saves_and_resumes_sharded_checkpoints(world, tmp_path, zero):
+    from transformers import AutoModelForCausalLM
+
+    over = stage_overrides("stage1", max_steps=3, eval_every=2, strategy="deepspeed",
+                           deepspeed_config=f"configs/deepspeed/{zero}.json")
+    r = run(world, "stage1", tmp_path, zero, over, loop_overrides={"_inject_failure_at_step": 2})
+    ckpt = Path(r["checkpoint"])
+    shards = list((ckpt / "deepspeed").rglob("*optim_states.pt"))
+    assert len(shards) == 2, "one optimizer shard per rank, merged into one checkpoint directory"
+    steps = [h["step"] for h in history(r)]
+    assert steps.count(3) == 1 and 3 in steps  # resumed after the failure at step 2 and finished
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt / "llm"))  # consolidated full weights
+    assert model.get_input_embeddings().weight.shape[0] == 400 + 32 + 2 or model.get_input_embeddings().weight.numel() > 0
+    assert r["metrics"]["final"]["drift"] > 0
+
+
+def _zero3_penalty_worker(config):
+    """Inside a 2-worker TorchTrainer: lambda_reg under ZeRO-3 against the plain value for the same weights."""
+    import deepspeed
+    import ray.train
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mavilt.llm.regularization import Regularizer, theta0_state
+    from mavilt.train.engine import load_deepspeed_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    theta0 = theta0_state(model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    plain = Regularizer(model, theta0, 0.5)
+    expected = float(plain.squared_distance())
+    ds = load_deepspeed_config(config["ds"], micro_batch=1, grad_clip=0.0, bf16=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
+    reg = Regularizer(engine.module, theta0, 0.5)
+    got = float(reg.squared_distance())
+    ids = torch.randint(0, 50, (1, 5))
+    loss = engine(input_ids=ids).logits.sum() * 0.0
+    engine.backward(loss)
+    reg.add_zero3_gradients()
+    worst = 0.0
+    for _, p, ref in reg.pairs:
+        grad = safe_get_local_grad(p).float()
+        want = 2 * 0.5 * (safe_get_local_fp32_param(p).float() - ref)
+        worst = max(worst, float((grad - want).abs().max()) if grad.numel() else 0.0)
+    ray.train.report({"expected": expected, "got": got, "grad_error": worst, "zero3": float(reg.zero3)})
+
+
+def test_lambda_reg_under_zero3_equals_the_plain_value(ray_session):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _zero3_penalty_worker,
+        train_loop_config={"ds": "configs/deepspeed/zero3.json"},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        torch_config=TorchConfig(backend="gloo"),
+    )
+    m = trainer.fit().metrics
+    assert m["zero3"] == 1.0
+    assert m["got"] == pytest.approx(m["expected"], rel=1e-5)
+    assert m["expected"] > 0 and m["grad_error"] < 1e-6
