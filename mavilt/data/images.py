@@ -42,7 +42,8 @@ def encode_png(image: np.ndarray, bit_depth: int = 8) -> bytes:
     if bit_depth == 8:
         pil = Image.fromarray(np.round(x * 255).astype(np.uint8), mode="L")
     elif bit_depth == 16:
-        pil = Image.fromarray(np.round(x * 65535).astype(np.uint16), mode="I;16")
+        # Pillow >= 13 infers I;16 from uint16 and rejects an explicit mode for it.
+        pil = Image.fromarray(np.round(x * 65535).astype(np.uint16))
     else:
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
     buf = io.BytesIO()

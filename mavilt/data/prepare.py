@@ -249,14 +249,23 @@ def _convert_with_ray(records: list[dict[str, Any]], params: PrepareParams, tmp:
     per_batch = max(1, min(cfg.data.rows_per_file, math.ceil(len(records) / (4 * cpus))))
     # Records are heterogeneous dicts; ship them as JSON strings so Arrow never has to unify their types.
     items = [{"_index": r["_index"], "record": json.dumps(r)} for r in records]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_batch)))
-    ds = ds.map_batches(
-        _decode_then_convert,
-        fn_kwargs={"params": dataclasses.asdict(params), "out_dir": str(tmp)},
-        batch_size=per_batch,
-        batch_format="numpy",
-    )
-    return ds.take_all()
+    ctx = ray.data.DataContext.get_current()
+    reserve = ctx.op_resource_reservation_enabled
+    # One map operator and nothing downstream: Ray Data's default reservation holds back part of the CPUs for
+    # operator outputs, which on a 2-CPU machine leaves one idle much of the time (measured: eight 1-s tasks
+    # took 5.5 s with it, 4.1 s without).
+    ctx.op_resource_reservation_enabled = False
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_batch)))
+        ds = ds.map_batches(
+            _decode_then_convert,
+            fn_kwargs={"params": dataclasses.asdict(params), "out_dir": str(tmp)},
+            batch_size=per_batch,
+            batch_format="numpy",
+        )
+        return ds.take_all()
+    finally:
+        ctx.op_resource_reservation_enabled = reserve
 
 
 def _decode_then_convert(batch: dict[str, Any], params: dict[str, Any], out_dir: str) -> dict[str, list]:

@@ -50,8 +50,9 @@ def build_tiny_lm(cfg: LLMConfig, tokenizer) -> torch.nn.Module:
     return LlamaForCausalLM(lc)
 
 
-def load_lm(path: str | Path, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
-    """A Hugging Face causal LM and its tokenizer from a local directory (or a hub name where reachable)."""
+def load_lm(path: str | Path, dtype: str = "float32", with_tokenizer: bool = True) -> tuple[torch.nn.Module, Any]:
+    """A Hugging Face causal LM (and its tokenizer, unless ``with_tokenizer`` is False: our own checkpoints
+    keep it in a folder of its own) from a local directory, or a hub name where reachable."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
@@ -62,11 +63,11 @@ def load_lm(path: str | Path, dtype: str = "float32") -> tuple[torch.nn.Module, 
             "(config.json + weights + tokenizer files)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local) if with_tokenizer else None
     except OSError as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from None
-    if tokenizer.pad_token_id is None:
+    if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one; padding is masked anyway
     return model, tokenizer
 
@@ -166,7 +167,7 @@ def load_theta0_model(theta0_dir: Path, cfg: LLMConfig) -> tuple[torch.nn.Module
     """Rebuild theta_0 as a model: the base LM, resized, with the stored initial rows."""
     spec = json.loads((theta0_dir / THETA0_FILE).read_text())
     vocab = JointVocab.from_dict(spec["vocab"])
-    model, _ = load_lm(spec["base"], cfg.dtype)
+    model, _ = load_lm(spec["base"], cfg.dtype, with_tokenizer=False)
     model.resize_token_embeddings(vocab.size, mean_resizing=False)
     rows = torch.load(theta0_dir / spec["new_rows"], map_location="cpu")
     v = vocab.text_vocab_size

@@ -214,7 +214,7 @@ def run_stage(stage: str, cfg: Config, data: str | Path, tokenizer_checkpoint: s
         if not (theta0_dir / "theta0.json").exists():
             tok = load_tokenizer(tok_dir)
             vocab = JointVocab.for_tokenizer(tok, k, n)
-            model, _ = load_lm(model_dir, cfg.llm.dtype)
+            model, _ = load_lm(model_dir, cfg.llm.dtype, with_tokenizer=False)
             extend_vocabulary(model, vocab, seed=tc.seed)
             save_theta0(theta0_dir, model_dir, model, vocab)
             del model

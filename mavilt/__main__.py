@@ -1,0 +1,319 @@
+"""Inference on a model bundle from the command line: ``python -m mavilt report|synthesize|vqa ...``.
+
+Examples::
+
+    python -m mavilt report chest.png study.dcm --bundle runs/demo/stage2/bundle
+    python -m mavilt report *.png --bundle BUNDLE --json --beams 3 > reports.jsonl
+    python -m mavilt synthesize "Moderate cardiomegaly. Small left pleural effusion." -o cxr.png --bundle BUNDLE
+    python -m mavilt synthesize "No acute findings." -o out.png --num 4 --cfg-scale 3 --bundle BUNDLE  # out_0.png ...
+    python -m mavilt vqa chest.png "Is there a pleural effusion?" --choices yes,no --bundle BUNDLE
+
+Images: PNG, JPEG (8- or 16-bit) or DICOM, resized with the aspect kept to the bundle's size. Nothing from a
+DICOM header is printed. Generation goes through the ``Bundle`` methods, the same code the server runs.
+Results go to stdout; errors a user can fix print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("mavilt.main")
+
+EXIT_USER_ERROR = 2
+# The bundle's manifest file (mavilt.bundle.MANIFEST), named here so bad paths fail before torch is imported.
+MANIFEST_NAME = "mavilt.json"
+
+
+class CLIError(Exception):
+    """A problem with what the user passed: printed as one line, exit status 2."""
+
+
+# ---- arguments ------------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--bundle", required=True, metavar="PATH",
+                   help="model bundle folder (has mavilt.json; stage 2 writes one at runs/<name>/stage2/bundle)")
+    g.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where to run the model (default: cuda when available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of plain text")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr, and show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mavilt import __version__
+
+    doc = (__doc__ or "").split("Examples::")
+    parser = argparse.ArgumentParser(
+        prog="python -m mavilt",
+        description="MAViLT inference on a model bundle: chest X-ray -> report, report -> chest X-ray, "
+                    "chest X-ray + question -> answer.",
+        epilog="examples:" + doc[1].split("\n\nImages:")[0] if len(doc) > 1 else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mavilt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{report,synthesize,vqa}")
+
+    r = sub.add_parser("report", help="write a report for each image",
+                       description="CXR -> report text, one per image: `path<TAB>report` lines, or JSON lines "
+                                   "{\"path\", \"report\"} with --json.")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or DICOM files")
+    r.add_argument("--section", choices=("findings", "impression", "both"),
+                   help="report section to write (default: the bundle's stage-2 setting)")
+    r.add_argument("--beams", type=int, metavar="N", help="beam width (default: the bundle's generate.num_beams)")
+    r.add_argument("--max-new-tokens", type=int, metavar="N", help="report length limit in tokens")
+    r.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default: 8)")
+    _common(r)
+
+    s = sub.add_parser("synthesize", help="generate a chest X-ray from report text",
+                       description="Report text -> chest X-ray PNG(s) at the bundle's image size. With --num K > 1 "
+                                   "writes OUT_0.png ... OUT_{K-1}.png. Prints the paths written.")
+    s.add_argument("text", metavar="TEXT", help="the report (findings) to draw")
+    s.add_argument("-o", "--output", required=True, metavar="OUT.png", help="output PNG path")
+    s.add_argument("--cfg-scale", type=float, metavar="S", help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--seed", type=int, metavar="N", help="sampling seed (default: the bundle's generate.seed)")
+    s.add_argument("--num", type=int, default=1, metavar="K", help="number of images (default: 1)")
+    s.add_argument("--temperature", type=float, metavar="T", help="image sampling temperature (0 = greedy)")
+    s.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely codes (0 = all)")
+    s.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bit depth (default: 8)")
+    _common(s)
+
+    q = sub.add_parser("vqa", help="answer a question about an image",
+                       description="CXR + question -> answer. With --choices the answers are scored over that set "
+                                   "and their probabilities printed (`answer` then `choice<TAB>probability` lines); "
+                                   "without, the answer is decoded as free text.")
+    q.add_argument("image", metavar="IMAGE", help="PNG, JPEG or DICOM file")
+    q.add_argument("question", metavar="QUESTION", help="the question, e.g. \"Is there a pleural effusion?\"")
+    q.add_argument("--choices", metavar="A,B,...", help="closed answer set, comma-separated (e.g. yes,no)")
+    _common(q)
+    return parser
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(paths: Sequence[str]) -> list[Path]:
+    out = []
+    for s in paths:
+        p = Path(s)
+        if not p.exists():
+            raise CLIError(f"image file not found: {s}")
+        if not p.is_file():
+            raise CLIError(f"not a file: {s} (pass PNG, JPEG or DICOM files)")
+        out.append(p)
+    return out
+
+
+def _device(spec: str):
+    import torch
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return None  # load_bundle picks cuda when available
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
+        raise CLIError(f"--device {spec}: use auto, cpu, cuda or cuda:N")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+    return spec
+
+
+def _check_bundle(path: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise CLIError(f"bundle folder not found: {path}")
+    if not (p / MANIFEST_NAME).is_file():
+        raise CLIError(f"{path} is not a model bundle (no {MANIFEST_NAME}); stage 2 writes one at "
+                       "runs/<name>/stage2/bundle")
+    return p
+
+
+def _load(args: argparse.Namespace):
+    p = _check_bundle(args.bundle)
+    device = _device(args.device)
+    _quiet_libraries(args.verbose)
+    try:
+        from mavilt.bundle import load_bundle
+
+        return load_bundle(p, device=device)
+    except Exception as e:  # noqa: BLE001 - a broken bundle is the user's to fix: one line, traceback with -v
+        if args.verbose:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"cannot load the model bundle at {args.bundle}: {first} (run with -v for details)") from None
+
+
+def _read(paths: Sequence[Path], size: int) -> list:
+    from mavilt.data.dicom import read_image_any
+    from mavilt.data.images import SkipRecord
+
+    images = []
+    for p in paths:
+        try:
+            px, _view = read_image_any(p, size)
+        except SkipRecord as e:
+            # Fixed reasons only: nothing from a DICOM header can reach the message.
+            raise CLIError(f"cannot read image {p}: {e.reason}") from None
+        images.append(px)
+    return images
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, ensure_ascii=False), flush=True)
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    if args.beams is not None and args.beams < 1:
+        raise CLIError(f"--beams must be >= 1, got {args.beams}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    paths = _check_inputs(args.images)
+    _check_bundle(args.bundle)
+    bundle = _load(args)
+    images = _read(paths, bundle.image_size)
+    for s in range(0, len(images), args.batch_size):
+        chunk = images[s : s + args.batch_size]
+        reports = bundle.report(chunk, section=args.section, num_beams=args.beams, max_new_tokens=args.max_new_tokens)
+        for p, rep in zip(paths[s : s + args.batch_size], reports):
+            if args.json:
+                _emit({"path": str(p), "report": rep})
+            else:
+                print(f"{p}\t{_one_line(rep)}", flush=True)
+
+
+def _output_paths(output: str, num: int) -> list[Path]:
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"-o {output}: the output must be a .png file")
+    if out.exists() and out.is_dir():
+        raise CLIError(f"-o {output} is a folder; give a file name ending in .png")
+    if num == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(num)]
+
+
+def cmd_synthesize(args: argparse.Namespace) -> None:
+    from mavilt.data.images import encode_png
+
+    if not args.text.strip():
+        raise CLIError("the report text is empty: pass the findings to draw, e.g. \"Small left pleural effusion.\"")
+    if args.num < 1:
+        raise CLIError(f"--num must be >= 1, got {args.num}")
+    if args.top_k is not None and args.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
+    outs = _output_paths(args.output, args.num)
+    _check_bundle(args.bundle)
+    bundle = _load(args)
+    images = bundle.synthesize([args.text] * args.num, cfg_scale=args.cfg_scale, seed=args.seed,
+                               image_temperature=args.temperature, top_k=args.top_k)
+    for path, img in zip(outs, images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_png(img[0].numpy(), bit_depth=args.bit_depth))
+        if args.json:
+            _emit({"path": str(path), "image_size": bundle.image_size})
+        else:
+            print(path, flush=True)
+
+
+def _choices(spec: str | None) -> list[str] | None:
+    if spec is None:
+        return None
+    items = [c.strip() for c in spec.split(",") if c.strip()]
+    if len(items) < 2 or len(set(items)) != len(items):
+        raise CLIError(f"--choices {spec!r}: give two or more distinct comma-separated answers, e.g. yes,no")
+    return items
+
+
+def cmd_vqa(args: argparse.Namespace) -> None:
+    if not args.question.strip():
+        raise CLIError("the question is empty")
+    choices = _choices(args.choices)
+    paths = _check_inputs([args.image])
+    _check_bundle(args.bundle)
+    bundle = _load(args)
+    images = _read(paths, bundle.image_size)
+    res = bundle.vqa(images, [args.question], [choices])[0]
+    if args.json:
+        _emit({"path": str(paths[0]), "question": args.question, "answer": res["answer"],
+               "probabilities": res.get("probabilities")})
+        return
+    print(_one_line(res["answer"]), flush=True)
+    for c, p in (res.get("probabilities") or {}).items():
+        print(f"{c}\t{p:.4f}", flush=True)
+
+
+COMMANDS = {"report": cmd_report, "synthesize": cmd_synthesize, "vqa": cmd_vqa}
+
+
+def _quiet_env(verbose: bool) -> None:
+    # Set before transformers is imported. Bundles are local: never reach for a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    # Keep stderr to what the user needs: no weight-loading progress bars or library chatter.
+    try:
+        from transformers.utils import logging as hf_logging
+
+        if not verbose:
+            hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_env(args.verbose)
+    try:
+        COMMANDS[args.command](args)
+    except CLIError as e:
+        return _fail(args, e)
+    except BrokenPipeError:  # `... | head`: stop quietly
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from mavilt.bundle import BundleError
+        from mavilt.config import ConfigError
+
+        if isinstance(e, (BundleError, ConfigError)):  # e.g. an unknown generation setting
+            return _fail(args, e)
+        raise
+    return 0
+
+
+def _fail(args: argparse.Namespace, e: BaseException) -> int:
+    if args.verbose:
+        log.error("traceback", exc_info=e)
+    print(f"mavilt {args.command}: error: {e}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
