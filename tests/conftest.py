@@ -31,7 +31,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # Workers import train functions defined in test modules, so they need tests/ on their path.
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "tests")}})
     yield ray
     # Left running until the interpreter exits: tests after this one may still need it.
 

@@ -151,7 +151,6 @@ def encoder_loop(config: dict[str, Any]) -> None:
     train = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("validate")
     gen = torch.Generator().manual_seed(ec.seed * 1000 + w.rank)
-    history = _history_file(config)
     t0, seen, running = time.perf_counter(), 0, []
 
     def evaluate() -> dict[str, float]:
@@ -178,8 +177,9 @@ def encoder_loop(config: dict[str, Any]) -> None:
                                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
         return _w
 
+    history = _history_file(config)
     if start >= ec.max_steps:  # a finished run started again: nothing to do but say so
-        report({"step": start, "done": 1})
+        report({"step": start, "done": 1}, history=history)
         return
     for step, batch in iterate_steps(train, ec.batch_size, start, ec.max_steps, ec.seed):
         x = batch["image"].to(w.device)
@@ -263,7 +263,7 @@ def vqgan_loop(config: dict[str, Any]) -> None:
         return _w
 
     if start >= vc.max_steps:
-        report({"step": start, "done": 1})
+        report({"step": start, "done": 1}, history=history)
         return
     last_layer = unwrap(model).last_layer
     for step, batch in iterate_steps(train, vc.batch_size, start, vc.max_steps, vc.seed):
@@ -340,8 +340,9 @@ def llm_loop(config: dict[str, Any]) -> None:
     codec = TextCodec(tokenizer)
     data = LLMData(config, cfg, stage, vocab, codec, w)
 
+    history = _history_file(config)
     if start >= tc.max_steps:
-        report({"step": start, "done": 1})
+        report({"step": start, "done": 1}, history=history)
         return
 
     def write(step: int, metrics: dict[str, Any]):
@@ -353,7 +354,6 @@ def llm_loop(config: dict[str, Any]) -> None:
                 save_common(d, config["cfg"], {"step": step, "stage": stage, **engine.train_state()})
         return _w
 
-    history = _history_file(config)
     fail_at = config.get("_inject_failure_at_step")  # tests of fault tolerance: crash once, after a checkpoint
     t0, tokens, running = time.perf_counter(), 0, {}
     model_ = engine.module()
@@ -432,6 +432,8 @@ def evaluate_llm(engine, data: "LLMData", vocab, w: Worker) -> dict[str, float]:
     for name in sorted(groups):
         batches = groups[name]
         n = int(_all_reduce([float(len(batches))], "max")[0])
+        if n == 0:
+            continue
         loss_sum, tok_sum = 0.0, 0.0
         for i in range(n):
             real = i < len(batches)
@@ -463,8 +465,6 @@ class LLMData:
     same batches as an uninterrupted one."""
 
     def __init__(self, config: dict[str, Any], cfg: Config, stage: str, vocab, codec, w: Worker):
-        import ray.train
-
         from mavilt.llm.sequences import text_examples
 
         self.cfg, self.stage, self.vocab, self.codec, self.w = cfg, stage, vocab, codec, w
@@ -473,11 +473,11 @@ class LLMData:
         self.seed = self.tc.seed * 1000 + w.rank
         # Every worker reads the whole (small: token ids) training set and keeps a fixed slice: unlike a
         # streaming split, the rows a rank trains on are then the same in every run, so resuming is exact.
-        self.train_rows = _rows(ray.train.get_dataset_shard("train"))[w.rank :: w.world_size]
-        val_ds = ray.train.get_dataset_shard("validate")
-        self.val_rows = _rows(val_ds)[w.rank :: w.world_size] if val_ds is not None else []
-        held = ray.train.get_dataset_shard("heldout_text")
-        self.heldout_rows = _rows(held)[w.rank :: w.world_size] if held is not None else []
+        self.train_rows = _rows(_shard("train"))[w.rank :: w.world_size]
+        val_ds, held = _shard("validate"), _shard("heldout_text")
+        self.has_validation, self.has_heldout = val_ds is not None, held is not None
+        self.val_rows = _rows(val_ds)[w.rank :: w.world_size]
+        self.heldout_rows = _rows(held)[w.rank :: w.world_size]
         self._text_examples = text_examples
         self._epoch = -1
         self._batches: list[list[int]] = []
@@ -520,25 +520,27 @@ class LLMData:
         return [self._examples[i] for i in self._batches[index]]
 
     def validation_groups(self) -> dict[str, list[list]]:
-        from mavilt.llm.sequences import collate  # noqa: F401  (kept for symmetry with training)
-
+        """Validation batches per task, plus held-out text. Every rank gets the same group names (possibly
+        with no batches of its own), because each group is an all-reduce all ranks must join."""
         size = max(self.tc.batch_size, 1)
-        groups: dict[str, list] = {}
+        names: list[str] = []
+        if self.has_validation:
+            names += [t for t, wt in sorted((self.tc.task_weights or _default_weights(self.stage)).items()) if wt > 0]
+        if self.has_heldout:
+            names.append("heldout_text")
+        groups: dict[str, list] = {n: [] for n in names}
         if self.val_rows:
-            exs = self._epoch_examples(0, self.val_rows, dropout=False)
-            by_task: dict[str, list] = {}
-            for e in exs:
-                by_task.setdefault(e.task, []).append(e)
-            for t, lst in by_task.items():
-                lst.sort(key=len)
-                groups[t] = [lst[i : i + size] for i in range(0, len(lst), size)]
+            for e in self._epoch_examples(0, self.val_rows, dropout=False):
+                if e.task in groups:
+                    groups[e.task].append(e)
         if self.heldout_rows:
-            exs = []
             for r in self.heldout_rows:
-                exs.extend(self._text_examples(self.vocab, self.codec, r["text"], self.max_length))
+                groups["heldout_text"].extend(self._text_examples(self.vocab, self.codec, r["text"], self.max_length))
+        out = {}
+        for n, exs in groups.items():
             exs.sort(key=len)
-            groups["heldout_text"] = [exs[i : i + size] for i in range(0, len(exs), size)]
-        return groups
+            out[n] = [exs[i : i + size] for i in range(0, len(exs), size)]
+        return out
 
     def dummy_batch(self) -> list:
         return [self._examples[self._batches[0][0]]]
@@ -548,6 +550,16 @@ def _default_weights(stage: str) -> dict[str, float]:
     from mavilt.llm.sequences import STAGE1_TASKS, STAGE2_TASKS
 
     return {t: 1.0 for t in (STAGE1_TASKS if stage == "stage1" else STAGE2_TASKS)}
+
+
+def _shard(name: str):
+    """The named dataset's iterator, or None when the trainer was given no such dataset."""
+    import ray.train
+
+    try:
+        return ray.train.get_dataset_shard(name)
+    except KeyError:
+        return None
 
 
 def _rows(shard) -> list[dict[str, Any]]:
