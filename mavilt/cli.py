@@ -6,17 +6,21 @@ import logging
 import sys
 from typing import Any, Callable
 
+from mavilt.bundle import BundleError
 from mavilt.config import Config, ConfigError, load_config
 from mavilt.runs import setup_logging
 
 log = logging.getLogger("mavilt")
 
 # Errors a user can cause and fix: print the message alone, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, BundleError, FileNotFoundError, ValueError)
 
 
-def run_job(fn: Callable[[Config], Any], preset: str, overrides: list[str]) -> Any:
+def run_job(fn: Callable[[Config], Any], preset: str | None, overrides: list[str]) -> Any:
+    from mavilt.train.loops import quiet_libraries
+
     setup_logging()
+    quiet_libraries()
     try:
         cfg = load_config(preset, overrides)
         return fn(cfg)

@@ -172,6 +172,11 @@ class EvalConfig:
     bootstrap_samples: int = 1000
     fid_network: str = "inhouse"  # inhouse | xrv | inception
     fid_weights: str | None = None
+    max_words: int | None = 100  # R2Gen: 60 (IU X-ray) / 100 (MIMIC-CXR) words per report for the metrics
+    nlg_bootstrap_samples: int = 200  # corpus BLEU/ROUGE are recomputed per replicate: fewer than for F1
+    synth_limit: int | None = None  # studies to synthesise images for (None: all)
+    retrieval_pool: int = 4000  # training images the nearest-neighbour baseline searches
+    workers: int = 0  # Ray Data actors for generation; 0: auto (local on a CPU-only machine of <= 4 cores)
     seed: int = 0
 
 

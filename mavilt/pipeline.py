@@ -37,8 +37,53 @@ def _prepare(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
     return run_prepare("synthetic", out, cfg)
 
 
+def _encoder(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+    from mavilt.train.steps import run_encoder
+
+    return run_encoder(cfg, results["prepare"]["output"], out.parent, out.name)
+
+
+def _vqgan(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+    from mavilt.train.steps import run_vqgan
+
+    return run_vqgan(cfg, results["prepare"]["output"], out.parent, out.name, results["encoder"]["checkpoint"])
+
+
+def _pretrain_text(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+    from mavilt.train.steps import run_pretrain_text
+
+    return run_pretrain_text(cfg, results["prepare"]["output"], out.parent, out.name)
+
+
+def _stage1(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+    from mavilt.train.steps import run_stage
+
+    init = results["pretrain_text"]["checkpoint"] or cfg.llm.base  # a real LM needs no text pretraining
+    return run_stage("stage1", cfg, results["prepare"]["output"], results["vqgan"]["checkpoint"], init, out.parent, out.name)
+
+
+def _stage2(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+    from mavilt.train.steps import run_stage
+
+    return run_stage("stage2", cfg, results["prepare"]["output"], results["vqgan"]["checkpoint"],
+                     results["stage1"]["checkpoint"], out.parent, out.name, encoder_checkpoint=results["encoder"]["checkpoint"])
+
+
+def _evaluate(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+    from mavilt.eval.evaluate import run_evaluate
+
+    return run_evaluate(results["stage2"]["checkpoint"], results["prepare"]["output"], out)
+
+
+TRAINING = ("data", "compute")
 STEPS: list[Step] = [
     Step("prepare", ("data",), (), _prepare),
+    Step("encoder", TRAINING + ("encoder",), ("prepare",), _encoder),
+    Step("vqgan", TRAINING + ("vqgan",), ("prepare", "encoder"), _vqgan),
+    Step("pretrain_text", TRAINING + ("llm", "pretrain_text"), ("prepare",), _pretrain_text),
+    Step("stage1", TRAINING + ("llm", "stage1"), ("prepare", "vqgan", "pretrain_text"), _stage1),
+    Step("stage2", TRAINING + ("llm", "stage2", "generate"), ("prepare", "vqgan", "encoder", "stage1"), _stage2),
+    Step("evaluate", ("eval", "generate"), ("prepare", "stage2"), _evaluate),
 ]
 
 
@@ -79,6 +124,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = Non
             summary.append((step.name, "skipped", 0.0, previous))
             continue
         _progress(f"[{i}/{len(steps)}] {step.name}: running ...")
+        _clear_if_stale(out, h)
         t0 = time.perf_counter()
         result = step.run(cfg, out, results)
         # The step's own job hash covers its inputs; the pipeline's covers the chain, so it wins here.
@@ -95,8 +141,27 @@ def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = Non
     metrics["seconds"] = round(total, 1)
     report = run_dir / "evaluate" / "report.md"
     metrics["report"] = str(report) if report.exists() else None
+    if report.exists():
+        _progress(f"report: {report}")
     final = results.get(steps[-1].name, {})
     return finish("pipeline", run_dir, final.get("checkpoint"), metrics, step_hash(cfg, steps[-1], results))
+
+
+STEP_HASH_FILE = ".pipeline_step_hash"
+
+
+def _clear_if_stale(out: Path, h: str) -> None:
+    """An interrupted step with the same config resumes (Ray Train restores its checkpoint); one left by an
+    older config must not: clear it, so the new config trains from scratch."""
+    import shutil
+
+    marker = out / STEP_HASH_FILE
+    if out.exists() and (not marker.exists() or marker.read_text().strip() != h):
+        if any(out.iterdir()):
+            log.info("clearing %s: it holds a run of another config", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(h + "\n")
 
 
 def _progress(msg: str) -> None:
@@ -106,15 +171,32 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _headline(result: dict[str, Any]) -> str:
+HEADLINES = {
+    "prepare": ("total_images", "skipped_total"),
+    "encoder": ("val_auroc_mean",),
+    "vqgan": ("val_psnr", "val_ssim", "val_usage"),
+    "pretrain_text": ("heldout_text_ppl",),
+    "stage1": ("val_loss", "drift", "heldout_text_ppl"),
+    "stage2": ("val_loss", "drift", "heldout_text_ppl"),
+}
+
+
+def _headline(name: str, result: dict[str, Any]) -> str:
     m = result.get("metrics", {})
-    keys = [k for k, v in m.items() if isinstance(v, (int, float))][:4]
-    return ", ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys)
+    if name == "evaluate":
+        rep = m.get("reports", {}).get("systems", {}).get("model", {})
+        vqa = m.get("vqa", {}).get("model", {})
+        fid = m.get("images", {}).get("fid", {}).get("synthesized", {})
+        found = {"F1 micro-14": rep.get("f1_micro_14"), "BLEU-4": rep.get("BLEU-4"), "VQA acc": vqa.get("accuracy"),
+                 "FID": fid.get("fid")}
+    else:
+        found = {k: m.get(k) for k in HEADLINES.get(name, ())}
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in found.items() if v is not None)
 
 
 def _summary_table(summary: list, total: float) -> str:
     lines = ["", "| step | status | seconds | headline metrics |", "|---|---|---|---|"]
     for name, status, seconds, result in summary:
-        lines.append(f"| {name} | {status} | {seconds:.0f} | {_headline(result)} |")
+        lines.append(f"| {name} | {status} | {seconds:.0f} | {_headline(name, result)} |")
     lines.append(f"| total | | {total:.0f} | |")
     return "\n".join(lines)

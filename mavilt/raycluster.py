@@ -20,8 +20,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard serves the state API Ray Train's placement-group cleaner polls; without it that
+        # cleaner logs a warning every second.
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
         log.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
-    ctx = ray.data.DataContext.get_current() if hasattr(ray, "data") else None
-    if ctx is not None:
-        ctx.enable_progress_bars = True

@@ -294,6 +294,7 @@ def run_prepare(
     manifest = prepare_dataset(source, out, cfg, root=root, num_samples=num_samples)
     cfg.save(out / "config.yaml")
     metrics = {
+        "total_images": manifest["total_images"],
         "counts": manifest["counts"],
         "studies": manifest["studies"],
         "skipped": manifest["skipped"],

@@ -36,6 +36,24 @@ def latest_checkpoint_dir() -> Iterator[Path | None]:
         yield Path(d)
 
 
+PROGRESS_KEYS = ("train_loss", "train_total", "val_loss", "val_psnr", "val_usage", "val_auroc_mean",
+                 "heldout_text_ppl", "drift", "tokens_per_s", "images_per_s")
+
+
+def log_progress(job: str, step: int, max_steps: int, metrics: dict[str, Any]) -> None:
+    """One line per report from rank 0 (Ray forwards worker output to the driver)."""
+    import sys
+
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        return
+    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in PROGRESS_KEYS if isinstance(metrics.get(k), (int, float)))
+    # Straight to the process's stdout: Ray Train patches print() to echo through its logger as well.
+    sys.__stdout__.write(f"[{job}] step {step}/{max_steps} {shown}\n")
+    sys.__stdout__.flush()
+
+
 def load_train_state(ckpt_dir: Path | None) -> dict[str, Any] | None:
     if ckpt_dir is None or not (ckpt_dir / TRAIN_STATE).exists():
         return None

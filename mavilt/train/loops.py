@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mavilt.config import Config, config_from_dict
-from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, report, save_common
+from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, log_progress, report, save_common
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,29 @@ def setup_worker(cfg: Config, seed: int) -> Worker:
     import ray.train.torch
 
     torch.set_num_threads(max(1, cfg.compute.torch_threads))
+    quiet_libraries()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     device = ray.train.torch.get_device() if cfg.compute.use_gpu else torch.device("cpu")
     return Worker(rank=rank, world_size=world, device=device)
+
+
+def quiet_libraries() -> None:
+    """Hugging Face's per-file progress bars say nothing useful in a training log."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Ray Train logs every report at INFO; our own progress line says the same in one line.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def _history_file(config: dict[str, Any]) -> Path | None:
@@ -78,14 +95,22 @@ def decode_vision_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"image": images_array(batch["image"]), "labels": values, "known": known}
 
 
-def vision_datasets(data_dir: str | Path) -> dict[str, Any]:
-    """Train and validate splits, decoded by Ray Data (on its own CPUs) before they reach the workers."""
-    from mavilt.data.shards import ray_dataset
+def vision_datasets(data_dir: str | Path, cache_limit_bytes: int = 2 << 30) -> dict[str, Any]:
+    """Train and validate splits, decoded by Ray Data (on its own CPUs) before they reach the workers.
 
-    return {
-        split: ray_dataset(data_dir, split, columns=["image", "labels"]).map_batches(decode_vision_batch, batch_format="numpy")
-        for split in ("train", "validate")
-    }
+    A split whose decoded images fit in ``cache_limit_bytes`` is materialised once in the object store, so
+    later epochs and validation passes do not decode every PNG again; larger splits stream.
+    """
+    from mavilt.data.shards import ray_dataset, read_manifest
+
+    manifest = read_manifest(data_dir)
+    size = int(manifest.get("preprocessing", {}).get("image_size", 256))
+    out = {}
+    for split in ("train", "validate"):
+        ds = ray_dataset(data_dir, split, columns=["image", "labels"]).map_batches(decode_vision_batch, batch_format="numpy")
+        rows = int(manifest.get("counts", {}).get(split, 0))
+        out[split] = ds.materialize() if rows * size * size * 4 <= cache_limit_bytes else ds
+    return out
 
 
 def iterate_steps(shard, batch_size: int, start_step: int, max_steps: int, seed: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -196,10 +221,13 @@ def encoder_loop(config: dict[str, Any]) -> None:
         if step % ec.eval_every == 0 or step == ec.max_steps:
             metrics = {"step": step, "train_loss": float(np.mean(running)), "images_per_s": seen * w.world_size / (time.perf_counter() - t0)}
             metrics.update(evaluate() if w.is_main else {})
+            log_progress("encoder", step, ec.max_steps, metrics)
             report(metrics, write(step), history=history)
             running = []
         elif step % max(1, ec.eval_every // 4) == 0:
-            report({"step": step, "train_loss": float(np.mean(running))}, history=history)
+            metrics = {"step": step, "train_loss": float(np.mean(running))}
+            log_progress("encoder", step, ec.max_steps, metrics)
+            report(metrics, history=history)
 
 
 # ---- the VQ-GAN tokenizer ---------------------------------------------------------------------------------
@@ -293,10 +321,13 @@ def vqgan_loop(config: dict[str, Any]) -> None:
                 metrics.update(val_metrics)
                 if out_dir is not None:
                     save_recon_grid(*example, out_dir / f"recon_step{step:06d}.png")
+            log_progress("vqgan", step, vc.max_steps, metrics)
             report(metrics, write(step, example) if w.is_main else None, history=history)
             running = {}
         elif step % max(1, vc.eval_every // 5) == 0:
-            report({"step": step, **{f"train_{k}": float(np.mean(v)) for k, v in running.items()}}, history=history)
+            metrics = {"step": step, **{f"train_{k}": float(np.mean(v)) for k, v in running.items()}}
+            log_progress("vqgan", step, vc.max_steps, metrics)
+            report(metrics, history=history)
 
 
 # ---- text pretraining, stage 1 and stage 2: one loop ---------------------------------------------------
@@ -380,6 +411,8 @@ def llm_loop(config: dict[str, Any]) -> None:
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 metrics.update(evaluate_llm(engine, data, vocab, w))
                 model_.train()
+            log_progress(stage, step, tc.max_steps, metrics)
+            if "val_loss" in metrics:
                 report(metrics, write(step, metrics), all_ranks_write=engine.writes_on_all_ranks, history=history)
             else:
                 report(metrics, history=history)

@@ -29,6 +29,16 @@ class FitOutcome:
     history: list[dict[str, Any]]  # every report of rank 0 (from the run's metrics dataframe)
 
 
+def quiet_dataset(ds) -> None:
+    """No Ray Data progress bars inside train workers: redrawn on a non-terminal they flood the driver's log
+    with thousands of lines; the loops print one progress line per report instead."""
+    ctx = getattr(ds, "context", None)
+    if ctx is not None:
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+        ctx.print_on_execution_start = False
+
+
 def scaling_config(compute: ComputeConfig):
     from ray.train import ScalingConfig
 
@@ -57,12 +67,14 @@ def fit(
     Ray always keeps the latest too, so resuming never loses work).
     """
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mavilt.raycluster import ensure_ray
 
     ensure_ray()
+    for ds in (datasets or {}).values():
+        quiet_dataset(ds)
     storage = Path(storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     metric, mode = score
@@ -76,6 +88,7 @@ def fit(
         ),
         failure_config=FailureConfig(max_failures=compute.max_failures),
         callbacks=callbacks,
+        logging_config=LoggingConfig(log_level="WARNING"),  # no line per report: the loops print their own
     )
     trainer = TorchTrainer(
         train_loop,

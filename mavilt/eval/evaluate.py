@@ -1,0 +1,347 @@
+"""`jobs/evaluate.py`: the three tasks of a bundle on one split, side by side with baselines computed on the
+same data, with bootstrap 95% confidence intervals.
+
+Reports are scored per study (one image per study, PA preferred, then AP; studies without the scored section
+dropped, as R2Gen does); VQA and images per image. Baselines:
+
+- reports: the most frequent training report; the model given another study's image (blind: images
+  deranged across the test studies); nearest-neighbour retrieval of a training report by encoder features;
+- VQA: the majority answer per question type (from the training split);
+- images: real-vs-real FID between two halves of the split; FID of images decoded from uniformly random
+  codes; label fidelity of random-code images and of images synthesised from another study's report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mavilt.config import Config
+from mavilt.data.labels import FIVE_OBSERVATIONS, OBSERVATIONS, apply_conventions
+from mavilt.data.shards import images_array, one_image_per_study, read_rows, report_text
+from mavilt.eval.predict import derangement, predict
+
+log = logging.getLogger(__name__)
+
+CE_KEYS = ("f1_micro_14", "f1_macro_14", "f1_micro_5", "f1_macro_5")
+
+
+def _progress(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- report metrics ------------------------------------------------------------------------------------
+
+
+def _fast_nlg(refs: list[str], hyps: list[str], max_words: int | None) -> dict[str, float]:
+    """Corpus BLEU-4 and ROUGE-L (pure Python, no JVM): what the bootstrap recomputes per replicate."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    from mavilt.eval.nlg import EMPTY_PLACEHOLDER, normalize_report
+
+    gts = {i: [normalize_report(r, max_words)] for i, r in enumerate(refs)}
+    res = {i: [normalize_report(h, max_words) or EMPTY_PLACEHOLDER] for i, h in enumerate(hyps)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return {"BLEU-4": float(bleu[3]), "ROUGE-L": float(Rouge().compute_score(gts, res)[0])}
+
+
+def report_metrics(refs: list[str], hyps: list[str], ref_labels: list[dict], cfg: Config) -> dict[str, Any]:
+    """NLG metrics, clinical efficacy (with the uncertain policy), and bootstrap CIs of the headline ones."""
+    from mavilt.eval.chexpert import clinical_efficacy, label_reports
+    from mavilt.eval.nlg import score
+    from mavilt.eval.stats import bootstrap_ci
+
+    ec = cfg.eval
+    hyp_labels = label_reports(hyps)
+    out: dict[str, Any] = dict(score(refs, hyps, max_words=ec.max_words))
+    ce = clinical_efficacy(ref_labels, hyp_labels, uncertain_policy=ec.uncertain_policy)
+    out.update({k: ce[k] for k in ce if k.startswith(("precision_", "recall_", "f1_"))})
+    out["per_observation_f1"] = {o: v["f1"] for o, v in ce["per_observation"].items()}
+    ci = {}
+    for key in CE_KEYS:
+        fn = lambda r, h, key=key: clinical_efficacy(r, h, uncertain_policy=ec.uncertain_policy)[key]  # noqa: E731
+        ci[key] = list(bootstrap_ci(fn, ref_labels, hyp_labels, n_boot=ec.bootstrap_samples, seed=ec.seed))[1:]
+    for key in ("BLEU-4", "ROUGE-L"):
+        fn = lambda r, h, key=key: _fast_nlg(list(r), list(h), ec.max_words)[key]  # noqa: E731
+        ci[key] = list(bootstrap_ci(fn, refs, hyps, n_boot=ec.nlg_bootstrap_samples, seed=ec.seed))[1:]
+    out["ci95"] = ci
+    out["hyp_labels"] = hyp_labels
+    return out
+
+
+def paired_f1_diffs(ref_labels, a_labels, b_labels, cfg: Config) -> dict[str, list[float]]:
+    from mavilt.eval.chexpert import clinical_efficacy
+    from mavilt.eval.stats import paired_bootstrap_diff
+
+    out = {}
+    for key in ("f1_micro_14", "f1_micro_5"):
+        fn = lambda r, h, key=key: clinical_efficacy(r, h, uncertain_policy=cfg.eval.uncertain_policy)[key]  # noqa: E731
+        out[key] = list(paired_bootstrap_diff(fn, (ref_labels, a_labels), (ref_labels, b_labels),
+                                              n_boot=cfg.eval.bootstrap_samples, seed=cfg.eval.seed))
+    return out
+
+
+# ---- the job ---------------------------------------------------------------------------------------------
+
+
+def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg_overrides: list[str] | None = None,
+                 split: str | None = None, limit: int | None = None) -> dict[str, Any]:
+    from mavilt import load_bundle
+    from mavilt.config import config_from_dict, parse_overrides
+    from mavilt.runs import finish
+
+    t0 = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = load_bundle(bundle_path)
+    cfg = bundle.config
+    if cfg_overrides:
+        merged = cfg.to_dict()
+        for sect, vals in parse_overrides(cfg_overrides).items():
+            merged.setdefault(sect, {}).update(vals) if isinstance(vals, dict) else merged.__setitem__(sect, vals)
+        cfg = config_from_dict(merged)
+        bundle.config = cfg
+    split = split or cfg.eval.split
+    limit = limit if limit is not None else cfg.eval.limit
+    cfg.save(out / "config.yaml")
+    ev = Evaluation(bundle, Path(bundle_path), Path(data), out, cfg, split, limit)
+    metrics = ev.run()
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([str(bundle_path), str(data), split, limit, cfg.to_dict()["eval"]], sort_keys=True).encode()).hexdigest()[:16]
+    return finish("evaluate", out, None, metrics, h)
+
+
+class Evaluation:
+    def __init__(self, bundle, bundle_path: Path, data: Path, out: Path, cfg: Config, split: str, limit: int | None):
+        self.b, self.bundle_path, self.data, self.out, self.cfg = bundle, bundle_path, data, out, cfg
+        self.split, self.limit = split, limit
+        self.ec = cfg.eval
+        self.section = self.ec.report_section
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _predict(self, task: str, inputs: list[dict[str, Any]], **overrides) -> list[Any]:
+        return predict(task, inputs, bundle=self.b, bundle_path=self.bundle_path, batch_size=self.ec.batch_size,
+                       workers=self.ec.workers, overrides=overrides)
+
+    def _images(self, rows: list[dict[str, Any]]) -> torch.Tensor:
+        return torch.from_numpy(images_array([r["image"] for r in rows]))
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b.encode_images(images[s : s + 256]) for s in range(0, len(images), 256)])
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b.decode_codes(codes[s : s + 256]) for s in range(0, len(codes), 256)])
+
+    def _labels(self, row: dict[str, Any]) -> dict[str, int | None]:
+        """The study's reference labels: the source's own when it has any, else the labeler's on its report."""
+        lab = row.get("labels") or {}
+        if any(lab.get(o) is not None for o in OBSERVATIONS):
+            return apply_conventions(lab)
+        from mavilt.eval.chexpert import label_report
+
+        return label_report(report_text(row, "both"))
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        rows = read_rows(self.data, self.split, limit=self.limit)
+        if not rows:
+            raise ValueError(f"split '{self.split}' of {self.data} is empty")
+        _progress(f"evaluate: {len(rows)} images from {self.data} ({self.split})")
+        images = self._images(rows)
+        codes = self._encode(images)
+        index = {r["image_id"]: i for i, r in enumerate(rows)}
+        metrics: dict[str, Any] = {"split": self.split, "n_images": len(rows), "report_section": self.section,
+                                   "uncertain_policy": self.ec.uncertain_policy}
+        metrics["reconstruction"] = self.reconstruction(images)
+        metrics["reports"], per_study = self.reports(rows, codes, index)
+        metrics["vqa"] = self.vqa(rows, codes)
+        metrics["images"] = self.images(rows, images, index)
+        self.write_csv(per_study)
+        from mavilt.eval.report import write_model_card, write_report_md
+
+        write_report_md(self.out / "report.md", metrics, self.cfg, self.bundle_path, self.data)
+        write_model_card(self.out / "model_card.md", metrics, self.cfg, self.b)
+        return metrics
+
+    def reconstruction(self, images: torch.Tensor) -> dict[str, Any]:
+        from mavilt.eval.recon import reconstruction_metrics, save_recon_grid
+
+        phi = self.b.encoder
+        m, example = reconstruction_metrics(self.b.vqgan, images, phi, device=self.b.device)
+        save_recon_grid(*example, self.out / "reconstructions.png")
+        return m
+
+    # ---- reports -----------------------------------------------------------------------------------
+    def reports(self, rows, codes, index) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        studies = [r for r in one_image_per_study(rows) if report_text(r, self.section).strip()]
+        if not studies:
+            return {"n_studies": 0, "note": f"no study has a {self.section} section"}, []
+        refs = [report_text(r, self.section) for r in studies]
+        ref_labels = [self._labels(r) for r in studies]
+        study_codes = codes[[index[r["image_id"]] for r in studies]]
+        _progress(f"evaluate: generating {len(studies)} reports (model and blind)")
+        model = self._predict("report", [{"codes": c} for c in study_codes.numpy()])
+        perm = derangement(len(studies), self.ec.seed)
+        blind = self._predict("report", [{"codes": c} for c in study_codes[perm].numpy()])
+        train = read_rows(self.data, "train", columns=["study_id", "image_id", "view", "image", "findings", "impression"],
+                          limit=self.ec.retrieval_pool)
+        train_reports = [report_text(r, self.section) for r in train if report_text(r, self.section).strip()]
+        most_frequent = Counter(train_reports).most_common(1)[0][0] if train_reports else ""
+        retrieval = self.retrieve(train, studies, index, codes)
+        systems = {"model": model, "blind": blind, "most_frequent": [most_frequent] * len(studies), "retrieval": retrieval}
+        _progress("evaluate: scoring reports")
+        res: dict[str, Any] = {"n_studies": len(studies), "systems": {}}
+        labels_by_system = {}
+        for name, hyps in systems.items():
+            m = report_metrics(refs, hyps, ref_labels, self.cfg)
+            labels_by_system[name] = m.pop("hyp_labels")
+            res["systems"][name] = m
+        res["model_minus"] = {b: paired_f1_diffs(ref_labels, labels_by_system["model"], labels_by_system[b], self.cfg)
+                              for b in ("blind", "most_frequent", "retrieval")}
+        per_study = [
+            {"study_id": r["study_id"], "image_id": r["image_id"], "view": r.get("view"), "reference": ref,
+             "generated": g, "blind": bl, "retrieval": rt}
+            for r, ref, g, bl, rt in zip(studies, refs, model, blind, retrieval)
+        ]
+        return res, per_study
+
+    def retrieve(self, train, studies, index, codes) -> list[str]:
+        """Nearest training report by cosine similarity of encoder features (the baseline to beat next)."""
+        enc = self.b.encoder
+        pool = [r for r in train if report_text(r, self.section).strip()]
+        if enc is None or not pool:
+            return [""] * len(studies)
+        from mavilt.eval.fid import compute_features, inhouse_network
+
+        net = inhouse_network(enc)
+        f_train = compute_features(net, self._images(pool))
+        f_test = compute_features(net, self._images(studies))
+        f_train /= np.linalg.norm(f_train, axis=1, keepdims=True) + 1e-12
+        f_test /= np.linalg.norm(f_test, axis=1, keepdims=True) + 1e-12
+        nearest = (f_test @ f_train.T).argmax(1)
+        return [report_text(pool[i], self.section) for i in nearest]
+
+    # ---- VQA -----------------------------------------------------------------------------------------
+    def vqa(self, rows, codes) -> dict[str, Any]:
+        from mavilt.eval.stats import bootstrap_ci, paired_bootstrap_diff
+        from mavilt.eval.vqa import majority_baseline, normalize_answer, vqa_metrics
+
+        items = []
+        for i, r in enumerate(rows):
+            for q in r.get("vqa") or []:
+                items.append({**q, "row": i})
+        if not items:
+            return {"n": 0, "note": "this split has no VQA items"}
+        _progress(f"evaluate: answering {len(items)} questions")
+        preds = self._predict("vqa", [{"codes": codes[it["row"]].numpy(), "question": it["question"],
+                                       "choices": it.get("choices")} for it in items])
+        model_items = [{**it, "predicted": p["answer"], "probabilities": p.get("probabilities")} for it, p in zip(items, preds)]
+        train_items = [q for r in read_rows(self.data, "train", columns=["vqa"]) for q in (r.get("vqa") or [])]
+        base_items = majority_baseline(train_items, items) if train_items else []
+        res: dict[str, Any] = {"model": vqa_metrics(model_items)}
+        if base_items:
+            res["majority_per_type"] = vqa_metrics(base_items)
+        correct = lambda its: np.array([normalize_answer(x["predicted"]) == normalize_answer(x["answer"]) for x in its], float)  # noqa: E731
+        acc = lambda c: float(np.mean(c))  # noqa: E731
+        res["ci95"] = {"model": list(bootstrap_ci(acc, correct(model_items), n_boot=self.ec.bootstrap_samples, seed=self.ec.seed))[1:]}
+        if base_items:
+            res["ci95"]["majority_per_type"] = list(bootstrap_ci(acc, correct(base_items), n_boot=self.ec.bootstrap_samples, seed=self.ec.seed))[1:]
+            res["model_minus_majority"] = list(paired_bootstrap_diff(acc, (correct(model_items),), (correct(base_items),),
+                                                                     n_boot=self.ec.bootstrap_samples, seed=self.ec.seed))
+        return res
+
+    # ---- images --------------------------------------------------------------------------------------
+    def images(self, rows, images: torch.Tensor, index) -> dict[str, Any]:
+        from mavilt.eval.fid import fid_report, inhouse_network, load_fid_network
+        from mavilt.eval.fidelity import label_fidelity
+
+        studies = [r for r in one_image_per_study(rows) if report_text(r, "both").strip()]
+        if self.ec.synth_limit:
+            studies = studies[: self.ec.synth_limit]
+        if len(studies) < 4:
+            return {"note": "too few studies to synthesise images"}
+        texts = [report_text(r, self.section) or report_text(r, "both") for r in studies]
+        _progress(f"evaluate: synthesising {len(studies)} images")
+        synth_codes = torch.as_tensor(np.asarray(self._predict("synthesize", [{"text": t} for t in texts]), dtype=np.int64))
+        synth = self._decode(synth_codes)
+        gen = torch.Generator().manual_seed(self.ec.seed)
+        random_codes = torch.randint(0, self.b.vocab.codebook_size, synth_codes.shape, generator=gen)
+        random_images = self._decode(random_codes)
+        real = images[[index[r["image_id"]] for r in studies]]
+        labels = [self._labels(r) for r in studies]
+        res: dict[str, Any] = {"n": len(studies)}
+        # FID: every comparison against the same real half B, with the same sample count
+        if self.ec.fid_network == "inhouse":
+            if self.b.encoder is None:
+                return {**res, "note": "the bundle has no CXR encoder: FID and label fidelity need one"}
+            net = inhouse_network(self.b.encoder)
+            desc = net.description
+        else:
+            net, desc = load_fid_network(self.ec.fid_network, self.ec.fid_weights, self.b.encoder)
+        half = len(studies) // 2
+        a, bh = slice(0, half), slice(half, 2 * half)
+        res["fid"] = {
+            "real_vs_real": fid_report(real[a], real[bh], net, desc),
+            "synthesized": fid_report(synth[a], real[bh], net, desc),
+            "random_codes": fid_report(random_images[a], real[bh], net, desc),
+            "reconstructed": fid_report(self._decode(self._encode(real[a])), real[bh], net, desc),
+        }
+        if self.b.encoder is not None:
+            perm = derangement(len(studies), self.ec.seed + 1)
+            res["label_fidelity"] = {
+                "synthesized": label_fidelity(self.b.encoder, synth, labels, uncertain_policy=self.ec.uncertain_policy),
+                "mismatched_reports": label_fidelity(self.b.encoder, synth[perm], labels, uncertain_policy=self.ec.uncertain_policy),
+                "random_codes": label_fidelity(self.b.encoder, random_images, labels, uncertain_policy=self.ec.uncertain_policy),
+                "real": label_fidelity(self.b.encoder, real, labels, uncertain_policy=self.ec.uncertain_policy),
+            }
+        self.save_grids(studies, real, synth, labels)
+        return res
+
+    def save_grids(self, studies, real, synth, labels) -> None:
+        """samples.png: input | reconstruction | synthesised from its report; findings.png: one synthesised
+        image per finding (the first test study whose labels have it), each beside the real image."""
+        n = min(8, len(studies))
+        recon = self._decode(self._encode(real[:n]))
+        _save_rows([[real[i], recon[i], synth[i]] for i in range(n)], self.out / "samples.png")
+        rows_ = []
+        names = []
+        for o in OBSERVATIONS:
+            if o in ("No Finding", "Lung Opacity"):
+                continue
+            hit = next((i for i, lab in enumerate(labels) if lab.get(o) == 1), None)
+            if hit is not None:
+                rows_.append([real[hit], synth[hit]])
+                names.append(o)
+        if rows_:
+            _save_rows(rows_, self.out / "findings.png")
+            (self.out / "findings.txt").write_text("\n".join(f"row {i + 1}: {o}" for i, o in enumerate(names)) + "\n")
+
+    def write_csv(self, per_study: list[dict[str, Any]]) -> None:
+        path = self.out / "per_study.csv"
+        if not per_study:
+            path.write_text("")
+            return
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(per_study[0]))
+            w.writeheader()
+            w.writerows(per_study)
+
+
+def _save_rows(rows: list[list[torch.Tensor]], path: Path) -> None:
+    from PIL import Image
+
+    grid = np.concatenate([np.concatenate([t[0].numpy() for t in r], axis=1) for r in rows], axis=0)
+    Image.fromarray((np.clip(grid, 0, 1) * 255).round().astype(np.uint8)).save(path)
