@@ -8,12 +8,13 @@ from typing import Any, Callable
 
 from mavilt.bundle import BundleError
 from mavilt.config import Config, ConfigError, load_config
+from mavilt.data.shards import DatasetError
 from mavilt.runs import setup_logging
 
 log = logging.getLogger("mavilt")
 
 # Errors a user can cause and fix: print the message alone, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, BundleError, FileNotFoundError, ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, BundleError, DatasetError, FileNotFoundError, ValueError)
 
 
 def run_job(fn: Callable[[Config], Any], preset: str | None, overrides: list[str]) -> Any:

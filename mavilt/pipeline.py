@@ -138,6 +138,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = Non
     table = _summary_table(summary, total)
     _progress(table)
     metrics = {name: r.get("metrics", {}) for name, _, _, r in summary}
+    metrics["steps"] = {name: {"status": status, "seconds": round(sec, 1)} for name, status, sec, _ in summary}
     metrics["seconds"] = round(total, 1)
     report = run_dir / "evaluate" / "report.md"
     metrics["report"] = str(report) if report.exists() else None

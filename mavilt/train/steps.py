@@ -25,7 +25,12 @@ def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _prepare_out(storage: str | Path, name: str, cfg: Config) -> Path:
+def _prepare_out(storage: str | Path, name: str, cfg: Config, data: str | Path | None = None) -> Path:
+    """Check the inputs a user gives before anything slow starts, then make the output folder."""
+    if data is not None:
+        from mavilt.data.shards import check_dataset
+
+        check_dataset(data)
     out = Path(storage).resolve() / name
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
@@ -64,7 +69,7 @@ def encoder_dir_of(path: str | Path) -> Path:
 def run_encoder(cfg: Config, data: str | Path, storage: str | Path, name: str = "encoder") -> dict[str, Any]:
     from mavilt.train.loops import encoder_loop, vision_datasets
 
-    out = _prepare_out(storage, name, cfg)
+    out = _prepare_out(storage, name, cfg, data)
     outcome = fit(encoder_loop, {"cfg": cfg.to_dict(), "output": str(out)}, cfg.compute, storage=Path(storage).resolve(), name=name,
                   score=("val_auroc_mean", "max"), datasets=vision_datasets(data))
     metrics = {"best_step": outcome.best_metrics.get("step"), **_numeric(outcome.best_metrics)}
@@ -78,7 +83,7 @@ def run_vqgan(cfg: Config, data: str | Path, storage: str | Path, name: str = "v
               encoder_checkpoint: str | Path | None = None) -> dict[str, Any]:
     from mavilt.train.loops import vision_datasets, vqgan_loop
 
-    out = _prepare_out(storage, name, cfg)
+    out = _prepare_out(storage, name, cfg, data)
     encoder_dir = None
     if cfg.vqgan.feature_encoder == "inhouse" and (cfg.vqgan.lambda_feat > 0 or cfg.vqgan.lambda_perceptual > 0 or encoder_checkpoint):
         if encoder_checkpoint is None:
@@ -109,7 +114,7 @@ def run_pretrain_text(cfg: Config, data: str | Path, storage: str | Path, name: 
     from mavilt.llm.textdata import DEFAULT_IU_REPORTS, pretraining_corpus, train_bpe_tokenizer
     from mavilt.train.loops import llm_loop
 
-    out = _prepare_out(storage, name, cfg)
+    out = _prepare_out(storage, name, cfg, data)
     tc = cfg.pretrain_text
     train_texts, heldout = pretraining_corpus(data, iu_dir or DEFAULT_IU_REPORTS, tc.heldout_fraction, tc.seed)
     corpus = {"train_documents": len(train_texts), "heldout_documents": len(heldout)}
@@ -199,7 +204,8 @@ def run_stage(stage: str, cfg: Config, data: str | Path, tokenizer_checkpoint: s
     if stage not in ("stage1", "stage2"):
         raise ValueError(f"stage must be stage1 or stage2, got {stage}")
     name = name or stage
-    out = _prepare_out(storage, name, cfg)
+    vqgan_dir_of(tokenizer_checkpoint)  # fail fast on a wrong path
+    out = _prepare_out(storage, name, cfg, data)
     vqgan_dir = vqgan_dir_of(tokenizer_checkpoint)
     vq = VQGAN.from_pretrained(vqgan_dir)
     k, n = vq.codebook_size, vq.num_tokens(cfg.data.image_size)

@@ -1,0 +1,56 @@
+"""Job entry points as users run them: arguments, the JSON result line, result.json, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_job(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_prepare_synthetic_writes_three_splits_and_a_result_line(tmp_path):
+    out = tmp_path / "syn"
+    p = run_job("jobs/prepare.py", "--source", "synthetic", "--out", str(out), "--num-samples", "64", "--image-size", "32")
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["job"] == "prepare" and result["output"] == str(out.resolve()) and result["checkpoint"] is None
+    assert json.loads((out / "result.json").read_text()) == result
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(manifest["counts"].values()) == 64 and all(manifest["counts"][s] > 0 for s in ("train", "validate", "test"))
+    assert manifest["preprocessing"]["image_size"] == 32 and manifest["schema_version"] == 1
+    rows = sum(pq.read_table(f).num_rows for f in out.glob("*/*.parquet"))
+    assert rows == 64
+    assert (out / "config.yaml").exists()
+    # Re-running into the same folder replaces, never duplicates.
+    p2 = run_job("jobs/prepare.py", "--source", "synthetic", "--out", str(out), "--num-samples", "64", "--image-size", "32")
+    assert p2.returncode == 0
+    assert sum(pq.read_table(f).num_rows for f in out.glob("*/*.parquet")) == 64
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["jobs/prepare.py", "--source", "synthetic", "--out", "X", "--set", "data.imagesize=3"], "unknown config key 'data.imagesize'"),
+        (["jobs/prepare.py", "--source", "mimic-cxr", "--out", "X"], "needs --root"),
+        (["jobs/prepare.py", "--source", "iu-xray", "--root", "/no/such/dir", "--out", "X"], "does not exist"),
+        (["jobs/vqgan.py", "--data", "/no/such/data", "--storage", "X"], "does not exist"),
+        (["jobs/stage2.py", "--data", "X", "--tokenizer-checkpoint", "/nope", "--init-checkpoint", "/nope", "--storage", "X"], "holds no vqgan/vqgan.json"),
+        (["jobs/evaluate.py", "--checkpoint", "/nope", "--data", "X", "--out", "X"], "not a model bundle"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(args, message, tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 2, (p.stdout[-500:], p.stderr[-2000:])
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert "Traceback" not in p.stderr

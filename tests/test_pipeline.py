@@ -1,0 +1,68 @@
+"""The main job end to end on the micro preset, inside the shared Ray session: every hand-off of the design's
+"Runs and hand-offs", skip-on-rerun, and re-running only what a config change touches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mavilt.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, ray_session):
+    from mavilt.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("runs") / "micro"
+    return run_dir, run_pipeline(load_config("micro"), run_dir)
+
+
+def test_every_step_writes_its_result_line(micro_run):
+    run_dir, result = micro_run
+    steps = ["prepare", "encoder", "vqgan", "pretrain_text", "stage1", "stage2", "evaluate"]
+    assert list(result["metrics"]["steps"]) == steps
+    for step in steps:
+        r = json.loads((run_dir / step / "result.json").read_text())
+        assert r["job"] == step and Path(r["output"]) == run_dir / step and r["config_hash"]
+        assert (run_dir / step / "metrics.json").exists()
+        if step not in ("prepare", "evaluate"):
+            assert r["checkpoint"] and Path(r["checkpoint"]).exists(), step
+    assert json.loads((run_dir / "result.json").read_text())["job"] == "pipeline"
+    assert Path(json.loads((run_dir / "stage2" / "result.json").read_text())["checkpoint"]).name == "bundle"
+
+
+def test_evaluation_outputs(micro_run):
+    run_dir, result = micro_run
+    ev = run_dir / "evaluate"
+    report = (ev / "report.md").read_text()
+    for heading in ("## Report generation", "## Visual question answering", "## Report → CXR synthesis", "## Tokenizer reconstruction"):
+        assert heading in report
+    for baseline in ("blind model", "most frequent training report", "nearest-neighbour retrieval", "majority answer per question type",
+                     "real (first half) vs real (second half)", "decoded from uniformly random codes"):
+        assert baseline in report, baseline
+    assert "uncertain labels counted as **negative**" in report
+    assert "in-house CXR encoder" in report  # the FID network is named
+    for f in ("per_study.csv", "samples.png", "reconstructions.png", "model_card.md", "metrics.json"):
+        assert (ev / f).exists(), f
+    assert "not for clinical decisions" in (ev / "model_card.md").read_text().lower()
+    m = json.loads((ev / "metrics.json").read_text())
+    model = m["reports"]["systems"]["model"]
+    assert 0 <= model["f1_micro_14"] <= 1 and len(model["ci95"]["f1_micro_14"]) == 2
+    assert m["vqa"]["model"]["n"] > 0 and "accuracy" in m["vqa"]["majority_per_type"]
+    assert result["metrics"]["report"] == str(ev / "report.md")
+
+
+def test_rerun_skips_done_steps_and_a_config_change_reruns_only_downstream(micro_run):
+    from mavilt.pipeline import run_pipeline
+
+    run_dir, first = micro_run
+    again = run_pipeline(load_config("micro"), run_dir)
+    assert {s["status"] for s in again["metrics"]["steps"].values()} == {"skipped"}
+    changed = run_pipeline(load_config("micro", ["eval.bootstrap_samples=20"]), run_dir)
+    statuses = {k: v["status"] for k, v in changed["metrics"]["steps"].items()}
+    assert statuses.pop("evaluate") == "ran"
+    assert set(statuses.values()) == {"skipped"}
