@@ -305,6 +305,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad()
         return {str(k): _coerce(v, args[1], key, source) for k, v in value.items()} if args else dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
         return float(value)

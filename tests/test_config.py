@@ -29,13 +29,13 @@ def test_tiny_leaves_ray_data_a_cpu_and_matches_threads():
 
 def test_overrides_are_typed():
     cfg = load_config("tiny", ["stage2.lambda_reg=0.5", "vqgan.channel_mult=[1, 2, 2, 2]", "llm.finetune=lora",
-                               "stage1.task_weights={image_to_report: 2}", "eval.limit=null", "vqgan.lr=1"])
+                               "stage1.task_weights={image_to_report: 2}", "eval.limit=null", "vqgan.lr=1", "vqgan.disc_lr=3e-4"])
     assert cfg.stage2.lambda_reg == 0.5
     assert cfg.vqgan.channel_mult == [1, 2, 2, 2]
     assert cfg.llm.finetune == "lora"
     assert cfg.stage1.task_weights == {"image_to_report": 2.0}
     assert cfg.eval.limit is None
-    assert cfg.vqgan.lr == 1.0 and isinstance(cfg.vqgan.lr, float)
+    assert cfg.vqgan.lr == 1.0 and isinstance(cfg.vqgan.lr, float) and cfg.vqgan.disc_lr == 3e-4
     assert cfg.hash() != load_config("tiny").hash()
     assert cfg.hash("data") == load_config("tiny").hash("data")
 
@@ -52,6 +52,7 @@ def test_unknown_key_lists_the_valid_keys():
     [
         ("vqgan.max_steps=ten", "expects int"),
         ("vqgan.max_steps=1.5", "expects int"),
+        ("vqgan.lr=fast", "expects float"),
         ("compute.use_gpu=2", "expects bool"),
         ("llm.finetune=qlora", "must be one of ['full', 'lora']"),
         ("stage2.strategy=fsdp", "must be one of ['ddp', 'deepspeed']"),

@@ -124,11 +124,17 @@ def images_array(png_column: Iterable[bytes]) -> np.ndarray:
     return np.stack([decode_png(b) for b in png_column])[:, None].astype(np.float32)
 
 
-def labels_array(labels_column: Iterable[dict[str, int | None] | None]) -> tuple[np.ndarray, np.ndarray]:
-    """A column of label structs -> (values [B, 14] float32 with uncertain=-1 kept, known-mask [B, 14])."""
+def labels_array(
+    labels_column: Iterable[dict[str, int | None] | None], unmentioned_negative: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """A column of label structs -> (values [B, 14] float32 with uncertain=-1 kept, known-mask [B, 14]).
+
+    ``unmentioned_negative`` counts observations a report does not mention as negative (known, 0), as
+    classifiers trained on CheXpert labels usually do; otherwise they are unknown (masked out).
+    """
     rows = list(labels_column)
     values = np.zeros((len(rows), len(OBSERVATIONS)), dtype=np.float32)
-    known = np.zeros_like(values)
+    known = np.full_like(values, 1.0 if unmentioned_negative else 0.0)
     for i, lab in enumerate(rows):
         for j, o in enumerate(OBSERVATIONS):
             v = (lab or {}).get(o)

@@ -88,10 +88,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def decode_vision_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Ray Data map: PNG bytes + label structs -> float arrays the vision loops train on."""
+    """Ray Data map: PNG bytes + label structs -> float arrays the vision loops train on.
+
+    For the encoder an observation the report does not mention is a negative (CheXpert's usual training
+    convention: reports rarely negate devices or atelectasis, and without negatives those would never be
+    learnt); uncertain labels stay -1 and the loss ignores them."""
     from mavilt.data.shards import images_array, labels_array
 
-    values, known = labels_array(batch["labels"])
+    values, known = labels_array(batch["labels"], unmentioned_negative=True)
     return {"image": images_array(batch["image"]), "labels": values, "known": known}
 
 
