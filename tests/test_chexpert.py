@@ -313,3 +313,20 @@ def test_runs_on_all_iu_xray_reports_with_plausible_labels() -> None:
     cardio_pos = [set(mesh) for r, (_, mesh) in zip(rows, reports) if r["Cardiomegaly"] == 1]
     precision = sum(bool({"Cardiomegaly", "Cardiac Shadow"} & m) for m in cardio_pos) / len(cardio_pos)
     assert precision > 0.85
+
+
+def test_fast_f1_matches_clinical_efficacy():
+    import numpy as np
+
+    from mavilt.data.labels import OBSERVATIONS
+    from mavilt.eval.chexpert import binarize_labels, clinical_efficacy, f1_from_matrices
+
+    rng = np.random.default_rng(0)
+    choices = [1, 0, -1, None]
+    refs = [{o: choices[rng.integers(4)] for o in OBSERVATIONS} for _ in range(50)]
+    hyps = [{o: choices[rng.integers(4)] for o in OBSERVATIONS} for _ in range(50)]
+    for policy in ("negative", "positive"):
+        slow = clinical_efficacy(refs, hyps, uncertain_policy=policy)
+        fast = f1_from_matrices(binarize_labels(refs, policy), binarize_labels(hyps, policy))
+        for k, v in fast.items():
+            assert v == pytest.approx(slow[k], abs=1e-12), k

@@ -185,3 +185,69 @@ def test_lambda_reg_under_zero3_equals_the_plain_value(ray_session):
     assert m["zero3"] == 1.0
     assert m["got"] == pytest.approx(m["expected"], rel=1e-5)
     assert m["expected"] > 0 and m["grad_error"] < 1e-6
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_stage1_through_ray_job_submit_on_a_private_cluster(world, tmp_path):
+    """`ray start --head` (token authentication on), then the real `ray job submit --working-dir .` CLI."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    bin_dir = Path(sys.executable).parent
+    ray_cli = str(bin_dir / "ray")
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    temp = Path("/tmp") / f"mvr{os.getpid()}"  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--temp-dir", str(temp),
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        for _ in range(120):
+            ok = subprocess.run([ray_cli, "job", "list", "--address", address], env=env, capture_output=True, text=True)
+            if ok.returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the private Ray head did not come up: {ok.stderr[-2000:]}")
+        token = subprocess.run([ray_cli, "get-auth-token"], env=env, capture_output=True, text=True)
+        if token.returncode == 0 and token.stdout.strip():
+            env["RAY_AUTH_TOKEN"] = token.stdout.strip().splitlines()[-1]
+        storage = tmp_path / "runs"
+        args = ["--config", "tiny", *sum((["--set", s] for s in BASE + stage_overrides("stage1", max_steps=2, eval_every=2)), []),
+                "--set", "compute.num_workers=1", "--set", "compute.cpus_per_worker=1",
+                "--data", str(world / "data"), "--tokenizer-checkpoint", str(world / "vqgan"),
+                "--init-checkpoint", str(world / "lm"), "--storage", str(storage), "--name", "submitted",
+                "--iu-reports", str(world / "no-iu")]
+        job = subprocess.run(
+            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
+             sys.executable, "jobs/stage1.py", *args],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
+        line = next(x for x in reversed(job.stdout.splitlines()) if x.startswith('{"job": "stage1"'))
+        result = json.loads(line)
+        assert result["output"] == str((storage / "submitted").resolve())
+        assert Path(result["checkpoint"], "llm", "config.json").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

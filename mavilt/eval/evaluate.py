@@ -43,23 +43,30 @@ def _progress(msg: str) -> None:
 # ---- report metrics ------------------------------------------------------------------------------------
 
 
-def _fast_nlg(refs: list[str], hyps: list[str], max_words: int | None) -> dict[str, float]:
-    """Corpus BLEU-4 and ROUGE-L (pure Python, no JVM): what the bootstrap recomputes per replicate."""
+def _bleu4(refs: list[str], hyps: list[str]) -> float:
+    """Corpus BLEU-4 of already-normalised texts (pure Python): what the bootstrap recomputes per replicate."""
     from pycocoevalcap.bleu.bleu import Bleu
+
+    bleu, _ = Bleu(4).compute_score({i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}, verbose=0)
+    return float(bleu[3])
+
+
+def _rouge_per_report(refs: list[str], hyps: list[str]) -> np.ndarray:
+    """pycocoevalcap's corpus ROUGE-L is the mean of these, so bootstrapping their mean is exact."""
     from pycocoevalcap.rouge.rouge import Rouge
 
-    from mavilt.eval.nlg import EMPTY_PLACEHOLDER, normalize_report
+    r = Rouge()
+    return np.array([r.calc_score([h], [ref]) for ref, h in zip(refs, hyps)])
 
-    gts = {i: [normalize_report(r, max_words)] for i, r in enumerate(refs)}
-    res = {i: [normalize_report(h, max_words) or EMPTY_PLACEHOLDER] for i, h in enumerate(hyps)}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {"BLEU-4": float(bleu[3]), "ROUGE-L": float(Rouge().compute_score(gts, res)[0])}
+
+def _mean(x) -> float:
+    return float(np.mean(x))
 
 
 def report_metrics(refs: list[str], hyps: list[str], ref_labels: list[dict], cfg: Config) -> dict[str, Any]:
     """NLG metrics, clinical efficacy (with the uncertain policy), and bootstrap CIs of the headline ones."""
-    from mavilt.eval.chexpert import clinical_efficacy, label_reports
-    from mavilt.eval.nlg import score
+    from mavilt.eval.chexpert import binarize_labels, clinical_efficacy, f1_from_matrices, label_reports
+    from mavilt.eval.nlg import EMPTY_PLACEHOLDER, normalize_report, score
     from mavilt.eval.stats import bootstrap_ci
 
     ec = cfg.eval
@@ -68,26 +75,31 @@ def report_metrics(refs: list[str], hyps: list[str], ref_labels: list[dict], cfg
     ce = clinical_efficacy(ref_labels, hyp_labels, uncertain_policy=ec.uncertain_policy)
     out.update({k: ce[k] for k in ce if k.startswith(("precision_", "recall_", "f1_"))})
     out["per_observation_f1"] = {o: v["f1"] for o, v in ce["per_observation"].items()}
+    y_true = binarize_labels(ref_labels, ec.uncertain_policy)
+    y_pred = binarize_labels(hyp_labels, ec.uncertain_policy)
     ci = {}
     for key in CE_KEYS:
-        fn = lambda r, h, key=key: clinical_efficacy(r, h, uncertain_policy=ec.uncertain_policy)[key]  # noqa: E731
-        ci[key] = list(bootstrap_ci(fn, ref_labels, hyp_labels, n_boot=ec.bootstrap_samples, seed=ec.seed))[1:]
-    for key in ("BLEU-4", "ROUGE-L"):
-        fn = lambda r, h, key=key: _fast_nlg(list(r), list(h), ec.max_words)[key]  # noqa: E731
-        ci[key] = list(bootstrap_ci(fn, refs, hyps, n_boot=ec.nlg_bootstrap_samples, seed=ec.seed))[1:]
+        fn = lambda t, p, key=key: f1_from_matrices(t, p)[key]  # noqa: E731
+        ci[key] = list(bootstrap_ci(fn, y_true, y_pred, n_boot=ec.bootstrap_samples, seed=ec.seed))[1:]
+    n_refs = [normalize_report(r, ec.max_words) for r in refs]
+    n_hyps = [normalize_report(h, ec.max_words) or EMPTY_PLACEHOLDER for h in hyps]
+    ci["BLEU-4"] = list(bootstrap_ci(lambda r, h: _bleu4(list(r), list(h)), n_refs, n_hyps,
+                                     n_boot=ec.nlg_bootstrap_samples, seed=ec.seed))[1:]
+    ci["ROUGE-L"] = list(bootstrap_ci(_mean, _rouge_per_report(n_refs, n_hyps), n_boot=ec.bootstrap_samples, seed=ec.seed))[1:]
     out["ci95"] = ci
-    out["hyp_labels"] = hyp_labels
+    out["hyp_matrix"] = y_pred
+    out["ref_matrix"] = y_true
     return out
 
 
-def paired_f1_diffs(ref_labels, a_labels, b_labels, cfg: Config) -> dict[str, list[float]]:
-    from mavilt.eval.chexpert import clinical_efficacy
+def paired_f1_diffs(y_true: np.ndarray, a_pred: np.ndarray, b_pred: np.ndarray, cfg: Config) -> dict[str, list[float]]:
+    from mavilt.eval.chexpert import f1_from_matrices
     from mavilt.eval.stats import paired_bootstrap_diff
 
     out = {}
-    for key in ("f1_micro_14", "f1_micro_5"):
-        fn = lambda r, h, key=key: clinical_efficacy(r, h, uncertain_policy=cfg.eval.uncertain_policy)[key]  # noqa: E731
-        out[key] = list(paired_bootstrap_diff(fn, (ref_labels, a_labels), (ref_labels, b_labels),
+    for key in ("f1_micro_14", "f1_micro_5", "f1_macro_14"):
+        fn = lambda t, p, key=key: f1_from_matrices(t, p)[key]  # noqa: E731
+        out[key] = list(paired_bootstrap_diff(fn, (y_true, a_pred), (y_true, b_pred),
                                               n_boot=cfg.eval.bootstrap_samples, seed=cfg.eval.seed))
     return out
 
@@ -204,12 +216,13 @@ class Evaluation:
         systems = {"model": model, "blind": blind, "most_frequent": [most_frequent] * len(studies), "retrieval": retrieval}
         _progress("evaluate: scoring reports")
         res: dict[str, Any] = {"n_studies": len(studies), "systems": {}}
-        labels_by_system = {}
+        preds = {}
         for name, hyps in systems.items():
             m = report_metrics(refs, hyps, ref_labels, self.cfg)
-            labels_by_system[name] = m.pop("hyp_labels")
+            preds[name] = m.pop("hyp_matrix")
+            y_true = m.pop("ref_matrix")
             res["systems"][name] = m
-        res["model_minus"] = {b: paired_f1_diffs(ref_labels, labels_by_system["model"], labels_by_system[b], self.cfg)
+        res["model_minus"] = {b: paired_f1_diffs(y_true, preds["model"], preds[b], self.cfg)
                               for b in ("blind", "most_frequent", "retrieval")}
         per_study = [
             {"study_id": r["study_id"], "image_id": r["image_id"], "view": r.get("view"), "reference": ref,

@@ -1,7 +1,8 @@
 """Reconstruction quality of an image tokenizer (VQ-GAN or the patch k-means baseline).
 
 All metrics are on images scaled to [0, 1]: PSNR and SSIM (torchmetrics), L1, the edge error (mean absolute
-difference of Sobel gradient magnitudes: does the tokenizer keep lesion edges?), the feature distance under
+difference of Sobel gradient magnitudes: does the tokenizer keep lesion edges?), the gradient term of the
+loss (mean squared difference of the Sobel gradients), the feature distance under
 phi, and codebook usage and perplexity over the whole set, measured through ``encode`` (which never updates
 or restarts codes, so usage is honest).
 """
@@ -37,10 +38,12 @@ def reconstruction_metrics(
     """Metrics over ``images`` [B, 1, H, W] in [0, 1]; also returns (inputs, reconstructions) for a grid."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+    from mavilt.tokenizer.loss import image_gradient
+
     was_training = getattr(tokenizer, "training", False)
     if hasattr(tokenizer, "eval"):
         tokenizer.eval()
-    sums = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0, "edge_error": 0.0, "feat_dist": 0.0}
+    sums = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0, "edge_error": 0.0, "grad_mse": 0.0, "feat_dist": 0.0}
     counts = None
     k = num_codes or getattr(tokenizer, "codebook_size", None)
     n = 0
@@ -55,6 +58,7 @@ def reconstruction_metrics(
         sums["ssim"] += float(structural_similarity_index_measure(xr, x, data_range=1.0, reduction="none").sum())
         sums["l1"] += float((xr - x).abs().mean(dim=(1, 2, 3)).sum())
         sums["edge_error"] += float((gradient_magnitude(xr) - gradient_magnitude(x)).abs().mean(dim=(1, 2, 3)).sum())
+        sums["grad_mse"] += float((image_gradient(xr) - image_gradient(x)).pow(2).mean(dim=(1, 2, 3)).sum())
         if phi is not None:
             sums["feat_dist"] += float((phi.features(xr) - phi.features(x)).pow(2).mean(dim=1).sum())
         c = codes.flatten().cpu()

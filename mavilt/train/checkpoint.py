@@ -48,7 +48,8 @@ def log_progress(job: str, step: int, max_steps: int, metrics: dict[str, Any]) -
 
     if ray.train.get_context().get_world_rank() != 0:
         return
-    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in PROGRESS_KEYS if isinstance(metrics.get(k), (int, float)))
+    keys = list(PROGRESS_KEYS) + sorted(k for k in metrics if k.startswith("image_gain/"))
+    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
     # Straight to the process's stdout: Ray Train patches print() to echo through its logger as well.
     sys.__stdout__.write(f"[{job}] step {step}/{max_steps} {shown}\n")
     sys.__stdout__.flush()

@@ -283,6 +283,9 @@ def vqgan_loop(config: dict[str, Any]) -> None:
         m = unwrap(model)
         images = torch.cat([b["image"] for b in validation_batches(val, 256)])
         metrics, example = reconstruction_metrics(m, images, phi, batch_size=128, device=w.device)
+        # The reconstruction part of the training objective (no adversarial term): what checkpoints are kept by.
+        metrics["loss"] = (vc.lambda_l1 * metrics["l1"] + vc.lambda_grad * metrics["grad_mse"]
+                           + vc.lambda_feat * metrics.get("feat_dist", 0.0))
         return {f"val_{k}": v for k, v in metrics.items()}, example
 
     def write(step: int, example):
@@ -489,6 +492,10 @@ def evaluate_llm(engine, data: "LLMData", vocab, w: Worker) -> dict[str, float]:
         loss_sum, tok_sum = _all_reduce([loss_sum, tok_sum])
         if tok_sum > 0:
             out[f"val_loss/{name}"] = loss_sum / tok_sum
+    for k in [k for k in out if k.endswith("@shuffled")]:
+        task = k[len("val_loss/"):-len("@shuffled")]
+        if f"val_loss/{task}" in out:
+            out[f"image_gain/{task}"] = out.pop(k) - out[f"val_loss/{task}"]
     task_losses = [v for k, v in out.items() if k.startswith("val_loss/") and k != "val_loss/heldout_text"]
     if "val_loss/heldout_text" in out:
         out["heldout_text_ppl"] = float(math.exp(min(out["val_loss/heldout_text"], 50)))
@@ -565,11 +572,19 @@ class LLMData:
             names += [t for t, wt in sorted((self.tc.task_weights or _default_weights(self.stage)).items()) if wt > 0]
         if self.has_heldout:
             names.append("heldout_text")
+        # The same questions about another study's image: how much the model gains from looking at the image.
+        shuffled_names = [f"{n}@shuffled" for n in names if n in IMAGE_CONDITIONED]
+        names += shuffled_names
         groups: dict[str, list] = {n: [] for n in names}
         if self.val_rows:
             for e in self._epoch_examples(0, self.val_rows, dropout=False):
                 if e.task in groups:
                     groups[e.task].append(e)
+            if shuffled_names:
+                rolled = [{**r, "codes": self.val_rows[(i + 1) % len(self.val_rows)]["codes"]} for i, r in enumerate(self.val_rows)]
+                for e in self._epoch_examples(0, rolled, dropout=False):
+                    if f"{e.task}@shuffled" in groups:
+                        groups[f"{e.task}@shuffled"].append(e)
         if self.heldout_rows:
             for r in self.heldout_rows:
                 groups["heldout_text"].extend(self._text_examples(self.vocab, self.codec, r["text"], self.max_length))
@@ -581,6 +596,10 @@ class LLMData:
 
     def dummy_batch(self) -> list:
         return [self._examples[self._batches[0][0]]]
+
+
+# Tasks whose answer depends on the image: validation also scores them with another study's image.
+IMAGE_CONDITIONED = ("image_to_report", "report", "vqa")
 
 
 def _default_weights(stage: str) -> dict[str, float]:
