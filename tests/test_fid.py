@@ -256,7 +256,7 @@ def test_label_fidelity_auroc_and_hit_rate_by_hand():
         {"Cardiomegaly": 1, "Edema": 0, "Pleural Effusion": 1},
         {"Cardiomegaly": 0, "Edema": 0},
     ]
-    r = label_fidelity(enc, images, labels, uncertain_policy="negative", batch_size=3)
+    r = label_fidelity(enc, images, labels, uncertain_policy="negative", batch_size=3, unmentioned_negative=False)
     # Cardiomegaly: positives score 0.9, 0.3; negatives 0.7, 0.1 -> pairs won 3 of 4
     assert r["auroc"]["Cardiomegaly"] == pytest.approx(0.75)
     # Edema with uncertain -> negative: positive 0.9 above all three negatives
@@ -271,10 +271,16 @@ def test_label_fidelity_auroc_and_hit_rate_by_hand():
     assert hit_rate(enc, images, labels) == pytest.approx(4 / 6)
     assert hit_rate(enc, images, labels, threshold=0.95) == pytest.approx(3 / 6)
 
-    pos = label_fidelity(enc, images, labels, uncertain_policy="positive")
+    # Default: unmentioned = absent. Pleural Effusion gets image 4 as a negative; every observation of images 1-2
+    # lights up (one probability per image), so 4 of their 28 predictions were requested.
+    d = label_fidelity(enc, images, labels, uncertain_policy="negative")
+    assert d["auroc"]["Pleural Effusion"] == pytest.approx(1.0)
+    assert d["precision"] == pytest.approx(4 / 28) and d["f1"] == pytest.approx(4 / 17)
+
+    pos = label_fidelity(enc, images, labels, uncertain_policy="positive", unmentioned_negative=False)
     # Edema uncertain -> positive: positives 0.9, 0.7 vs negatives 0.3, 0.1 -> 1.0
     assert pos["auroc"]["Edema"] == pytest.approx(1.0) and pos["uncertain_policy"] == "positive"
-    ign = label_fidelity(enc, images, labels, uncertain_policy="ignore")
+    ign = label_fidelity(enc, images, labels, uncertain_policy="ignore", unmentioned_negative=False)
     assert ign["auroc"]["Edema"] == pytest.approx(1.0)  # 0.9 vs 0.3, 0.1
 
     with pytest.raises(ValueError, match="one per image"):

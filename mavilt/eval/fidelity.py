@@ -103,8 +103,14 @@ def label_fidelity(
     uncertain_policy: str = "negative",
     threshold: float = 0.5,
     batch_size: int = 64,
+    unmentioned_negative: bool = True,
 ) -> dict[str, Any]:
     """Per-observation AUROC (and mean), plus hit rates, of the encoder on images against their requested labels.
+
+    ``unmentioned_negative`` counts observations the conditioning report does not mention as absent (the
+    encoder was trained that way); otherwise they are left out. Besides the hit rate (recall of requested
+    findings), ``precision`` and ``f1`` (micro, threshold ``threshold``) penalise images that light up
+    everything: a garbage image can have a high hit rate but not a high F1.
 
     Returns ``{"auroc": {obs: float|None}, "mean_auroc": float|None, "hit_rate": float|None,
     "hit_rate_per_observation": {...}, "n_pairs": int, "n_images": int, "uncertain_policy": str, "threshold": float}``.
@@ -116,6 +122,8 @@ def label_fidelity(
     probs = observation_probabilities(encoder, images, batch_size)
     y = _label_matrix(labels, len(probs))
     target = y.copy()
+    if unmentioned_negative:
+        target[np.isnan(target)] = 0
     if uncertain_policy == "negative":
         target[target == -1] = 0
     elif uncertain_policy == "positive":
@@ -129,11 +137,20 @@ def label_fidelity(
         auroc[o] = float(roc_auc_score(t, probs[known, j])) if np.unique(t).size == 2 else None
     vals = [v for v in auroc.values() if v is not None]
     hits = _hits(probs, y, threshold)
+    known = ~np.isnan(target)
+    pred = (probs > threshold) & known
+    truth = (target == 1) & known
+    tp, fp = int((pred & truth).sum()), int((pred & ~truth).sum())
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = hits["hit_rate"]
+    f1 = (2 * precision * recall / (precision + recall)) if precision and recall else 0.0
     return {
         "auroc": auroc,
         "mean_auroc": float(np.mean(vals)) if vals else None,
         "n_auroc_observations": len(vals),
         "hit_rate": hits["hit_rate"],
+        "precision": precision,
+        "f1": f1,
         "hit_rate_per_observation": hits["per_observation"],
         "n_pairs": hits["n_pairs"],
         "n_images": int(len(probs)),

@@ -113,12 +113,14 @@ def image_section(m: dict[str, Any], lines: list[str]) -> None:
     lf = im.get("label_fidelity")
     if lf:
         lines += ["", "Label fidelity: the in-house encoder on generated images against the labels of the report that "
-                  "conditioned them (hit rate: share of requested positive findings the encoder sees, p > 0.5).", "",
-                  "| images | hit rate | mean AUROC |", "|---|---|---|"]
+                  "conditioned them (hit rate: share of requested positive findings the encoder sees, p > 0.5; precision: "
+                  "share of findings it sees that were requested; F1 of the two; AUROC per observation, averaged).", "",
+                  "| images | hit rate | precision | F1 | mean AUROC |", "|---|---|---|---|---|"]
         lnames = {"synthesized": "synthesised from the study's report", "mismatched_reports": "synthesised from another study's report",
                   "random_codes": "decoded from random codes", "real": "the real images (encoder bound)"}
         for k, r in lf.items():
-            lines.append(f"| {lnames.get(k, k)} | {_f(r.get('hit_rate'))} | {_f(r.get('mean_auroc'))} |")
+            lines.append(f"| {lnames.get(k, k)} | {_f(r.get('hit_rate'))} | {_f(r.get('precision'))} | {_f(r.get('f1'))} | "
+                         f"{_f(r.get('mean_auroc'))} |")
     lines.append("")
 
 
