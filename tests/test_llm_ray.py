@@ -208,13 +208,17 @@ def test_stage1_through_ray_job_submit_on_a_private_cluster(world, tmp_path):
     bin_dir = Path(sys.executable).parent
     ray_cli = str(bin_dir / "ray")
     gcs, dash = _free_port(), _free_port()
+    # Every port of its own: the shared test cluster already holds Ray's defaults on this machine.
+    own_ports = sum(([flag, str(_free_port())] for flag in (
+        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+        "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port")), [])
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp = Path("/tmp") / f"mvr{os.getpid()}"  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--temp-dir", str(temp),
-         "--disable-usage-stats"],
+         "--disable-usage-stats", *own_ports],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
@@ -235,11 +239,15 @@ def test_stage1_through_ray_job_submit_on_a_private_cluster(world, tmp_path):
                 "--data", str(world / "data"), "--tokenizer-checkpoint", str(world / "vqgan"),
                 "--init-checkpoint", str(world / "lm"), "--storage", str(storage), "--name", "submitted",
                 "--iu-reports", str(world / "no-iu")]
-        job = subprocess.run(
-            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
-             sys.executable, "jobs/stage1.py", *args],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
+        for _ in range(30):  # the head answers `job list` before its job agent is ready to take submissions
+            job = subprocess.run(
+                [ray_cli, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
+                 sys.executable, "jobs/stage1.py", *args],
+                env=env, capture_output=True, text=True, timeout=900,
+            )
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
         line = next(x for x in reversed(job.stdout.splitlines()) if x.startswith('{"job": "stage1"'))
         result = json.loads(line)

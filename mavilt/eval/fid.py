@@ -278,7 +278,8 @@ class _TorchvisionInception(nn.Module):
 # ---- features and the report ----------------------------------------------------------------------------
 
 
-def _as_images(images: Any) -> torch.Tensor:
+def as_image_batch(images: Any) -> torch.Tensor:
+    """Images as a float tensor [B, 1, H, W] (accepts [B, H, W], numpy or torch)."""
     x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
     x = x.float()
     if x.ndim == 3:
@@ -291,7 +292,7 @@ def _as_images(images: Any) -> torch.Tensor:
 @torch.no_grad()
 def compute_features(network: FeatureNetwork | nn.Module, images: Any, batch_size: int = 64) -> np.ndarray:
     """Pooled features [B, D] (float64) of images [B, 1, H, W] in [0, 1], in batches on the network's device."""
-    x = _as_images(images)
+    x = as_image_batch(images)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(network, FeatureNetwork):
@@ -312,7 +313,7 @@ def fid_report(real: Any, fake: Any, network: FeatureNetwork, description: str |
     Returns ``{"fid", "network", "resolution", "n_real", "n_fake", "feature_dim", "summary"}``; ``resolution`` is the
     size of the images compared (the network may resize them: its description says to what).
     """
-    xr, xf = _as_images(real), _as_images(fake)
+    xr, xf = as_image_batch(real), as_image_batch(fake)
     if tuple(xr.shape[-2:]) != tuple(xf.shape[-2:]):
         raise ValueError(f"real and fake images differ in size: {tuple(xr.shape[-2:])} vs {tuple(xf.shape[-2:])}")
     fr, ff = compute_features(network, xr, batch_size), compute_features(network, xf, batch_size)

@@ -23,26 +23,17 @@ import torch
 from torch import nn
 
 from mavilt.data.labels import OBSERVATIONS
+from mavilt.eval.fid import as_image_batch
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("negative", "positive", "ignore")
 
 
-def _as_images(images: Any) -> torch.Tensor:
-    x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
-    x = x.float()
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"expected images [B, 1, H, W] (or [B, H, W]) in [0, 1], got shape {tuple(x.shape)}")
-    return x
-
-
 @torch.no_grad()
 def observation_probabilities(encoder: nn.Module, images: Any, batch_size: int = 64) -> np.ndarray:
     """Sigmoid probabilities [B, 14] of the CheXpert observations (order of ``OBSERVATIONS``)."""
-    x = _as_images(images)
+    x = as_image_batch(images)
     obs = getattr(encoder, "observations", None) or getattr(getattr(encoder, "net", None), "observations", None)
     if obs is not None and tuple(obs) != OBSERVATIONS:
         raise ValueError(f"the encoder's observations {list(obs)} differ from {list(OBSERVATIONS)}: label fidelity "
