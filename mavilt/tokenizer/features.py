@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -28,13 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mavilt.config import ConfigError, EncoderConfig
+from mavilt.tokenizer.persist import config_from_saved, load_state, read_saved, save_module
 from mavilt.data.labels import OBSERVATIONS
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "encoder.pt"
-CONFIG_FILE = "encoder.json"
 
 UncertainPolicy = Literal["ignore", "positive", "negative"]
 
@@ -119,38 +117,27 @@ class CXREncoder(nn.Module):
         return self.head(self.features(x))
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         meta = {
             "format_version": FORMAT_VERSION,
             "image_size": self.image_size,
             "observations": list(self.observations),
             "config": dataclasses.asdict(self.cfg),
         }
-        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, d / WEIGHTS_FILE)
-        (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        return d
+        return save_module(self, directory, "encoder", meta)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "CXREncoder":
-        d = Path(directory)
-        meta_path, weights_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        if not meta_path.is_file() or not weights_path.is_file():
-            raise FeatureEncoderError(
-                f"{d} is not a CXR encoder checkpoint: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-                "(train one with jobs/encoder.py and pass its output folder)"
-            )
-        meta = json.loads(meta_path.read_text())
+        meta, state = read_saved(directory, "encoder", FeatureEncoderError,
+                                 "not a CXR encoder checkpoint (train one with jobs/encoder.py and pass its output folder)",
+                                 map_location)
         saved_obs = tuple(meta.get("observations", OBSERVATIONS))
         if saved_obs != OBSERVATIONS:
             raise FeatureEncoderError(
-                f"{meta_path} was trained on observations {list(saved_obs)}, which differ from this code's "
+                f"{directory} was trained on observations {list(saved_obs)}, which differ from this code's "
                 f"{list(OBSERVATIONS)}; retrain it with jobs/encoder.py"
             )
-        names = {f.name for f in dataclasses.fields(EncoderConfig)}
-        cfg = EncoderConfig(**{k: v for k, v in meta.get("config", {}).items() if k in names})
-        model = cls(cfg, image_size=int(meta.get("image_size", 64)))
-        model.load_state_dict(torch.load(weights_path, map_location=map_location, weights_only=True))
+        model = cls(config_from_saved(EncoderConfig, meta.get("config", {})), image_size=int(meta.get("image_size", 64)))
+        load_state(model, state, Path(directory))
         return model.to(map_location).eval()
 
 
@@ -284,7 +271,7 @@ def load_feature_encoder(spec: str, weights: str | None = None, inhouse_dir: str
                 "and pass --encoder-checkpoint (or choose another with --set vqgan.feature_encoder=xrv|module:...)"
             )
         d = Path(inhouse_dir)
-        if (d / "encoder" / CONFIG_FILE).is_file() and not (d / CONFIG_FILE).is_file():
+        if (d / "encoder" / "encoder.json").is_file() and not (d / "encoder.json").is_file():
             d = d / "encoder"  # a training checkpoint folder holds the encoder one level down
         return FrozenFeatureEncoder(CXREncoder.from_pretrained(d), name="inhouse")
     if spec == "xrv":

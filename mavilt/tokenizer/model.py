@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -27,12 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mavilt.config import ConfigError, VQGANConfig
+from mavilt.tokenizer.persist import config_from_saved, load_state, read_saved, save_module
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "vqgan.pt"
-CONFIG_FILE = "vqgan.json"
 
 
 # ---- building blocks ------------------------------------------------------------------------------------
@@ -404,39 +402,18 @@ class VQGAN(nn.Module):
     # -- persistence -------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``vqgan.pt`` (state dict) and ``vqgan.json`` (config + image size): loadable on its own."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "image_size": self.image_size, "config": dataclasses.asdict(self.cfg)}
-        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, d / WEIGHTS_FILE)
-        (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        return d
+        return save_module(self, directory, "vqgan", meta)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "VQGAN":
-        d = Path(directory)
-        meta_path, weights_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        if not meta_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(
-                f"{d} is not a VQ-GAN checkpoint: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-                "(written by VQGAN.save_pretrained, e.g. by jobs/vqgan.py)"
-            )
-        meta = json.loads(meta_path.read_text())
-        cfg = _config_from_saved(meta.get("config", {}))
-        model = cls(cfg, image_size=int(meta["image_size"]))
-        state = torch.load(weights_path, map_location=map_location, weights_only=True)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"{weights_path} does not match the architecture in {meta_path}: {e}") from None
+        meta, state = read_saved(directory, "vqgan", FileNotFoundError,
+                                 "not a VQ-GAN checkpoint (written by VQGAN.save_pretrained, e.g. by jobs/vqgan.py)",
+                                 map_location)
+        model = cls(config_from_saved(VQGANConfig, meta.get("config", {})), image_size=int(meta["image_size"]))
+        load_state(model, state, Path(directory))
         return model.to(map_location).eval()
 
-
-def _config_from_saved(saved: dict) -> VQGANConfig:
-    names = {f.name for f in dataclasses.fields(VQGANConfig)}
-    unknown = sorted(set(saved) - names)
-    if unknown:
-        log.warning("ignoring unknown VQ-GAN config fields from a checkpoint: %s", unknown)
-    return VQGANConfig(**{k: v for k, v in saved.items() if k in names})
 
 
 # ---- discriminator ------------------------------------------------------------------------------------
