@@ -39,6 +39,24 @@ def quiet_dataset(ds) -> None:
         ctx.print_on_execution_start = False
 
 
+def _silence_report_lines() -> None:
+    """Ray Train logs every ``ray.train.report`` at INFO (one long line per report, on a logger named after its
+    file, so ``LoggingConfig`` does not reach it); the loops already print their own progress line."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to silence
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _quietly(train_loop: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    def loop(config: dict[str, Any]) -> Any:
+        _silence_report_lines()
+        return train_loop(config)
+
+    return loop
+
+
 def scaling_config(compute: ComputeConfig):
     from ray.train import ScalingConfig
 
@@ -91,7 +109,7 @@ def fit(
         logging_config=LoggingConfig(log_level="WARNING"),  # no line per report: the loops print their own
     )
     trainer = TorchTrainer(
-        train_loop,
+        _quietly(train_loop),
         train_loop_config=loop_config,
         scaling_config=scaling_config(compute),
         run_config=run_config,
