@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 # 32x32 images, 16 tokens per image, a 32-entry codebook, a 2-layer 32-wide Llama.
-TINY_BUNDLE_OVERRIDES: list[str] = [
+TINY_MODEL_OVERRIDES: list[str] = [
     "data.image_size=32",
     "vqgan.channels=8",
     "vqgan.codebook_size=32",
@@ -27,6 +27,8 @@ TINY_BUNDLE_OVERRIDES: list[str] = [
     "llm.num_heads=2",
     "llm.intermediate_size=64",
     "llm.max_length=96",
+]
+TINY_BUNDLE_OVERRIDES: list[str] = TINY_MODEL_OVERRIDES + [
     "encoder.width=4",
     "encoder.depth=2",
     "generate.max_new_tokens=8",

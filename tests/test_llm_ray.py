@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from bundle_factory import TINY_MODEL_OVERRIDES
+
 from mavilt.config import load_config
 
 pytestmark = pytest.mark.ray
 
-BASE = [
-    "data.image_size=32",
-    "vqgan.channels=8",
-    "vqgan.codebook_size=32",
-    "vqgan.code_dim=8",
-    "llm.hidden_size=32",
-    "llm.num_layers=2",
-    "llm.num_heads=2",
-    "llm.intermediate_size=64",
-    "llm.max_length=96",
+BASE = TINY_MODEL_OVERRIDES + [
     "compute.num_workers=2",
     "compute.cpus_per_worker=0.5",
     "compute.torch_threads=1",
