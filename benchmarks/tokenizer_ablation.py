@@ -42,6 +42,15 @@ def kmeans_baseline(cfg, data: Path, seed: int, encoder_dir: Path | None) -> dic
     return m
 
 
+def same_vqgan_config(run_dir: Path, cfg) -> bool:
+    """An earlier run is reused only when it was trained with this variant's VQ-GAN settings (the preset may
+    have changed since)."""
+    from mavilt.config import load_config
+
+    saved = run_dir / "config.yaml"
+    return saved.exists() and load_config(str(saved)).to_dict()["vqgan"] == cfg.to_dict()["vqgan"]
+
+
 def main() -> None:
     from mavilt.config import load_config
     from mavilt.data.prepare import prepare_dataset
@@ -72,8 +81,9 @@ def main() -> None:
     for name, over in VARIANTS.items():
         for seed in a.seeds:
             run_name = f"vqgan-{name.replace('=', '')}-s{seed}"
-            done = read_result(runs / run_name)
-            r = done or run_vqgan(load_config(a.config, over + [f"vqgan.seed={seed}"]), data, runs, run_name, enc_ckpt)
+            run_cfg = load_config(a.config, over + [f"vqgan.seed={seed}"])
+            done = read_result(runs / run_name) if same_vqgan_config(runs / run_name, run_cfg) else None
+            r = done or run_vqgan(run_cfg, data, runs, run_name, enc_ckpt)
             results.setdefault(name, []).append({k: r["metrics"][f"val_{k}"] for k in KEYS})
     for seed in a.seeds:
         m = kmeans_baseline(cfg, data, seed, encoder_dir_of(enc_ckpt))

@@ -54,3 +54,22 @@ def test_user_errors_print_one_line_and_exit_2(args, message, tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
     assert "Traceback" not in p.stderr
+
+
+def test_checkpoint_paths_are_made_absolute_for_train_workers(tmp_path, monkeypatch):
+    """Train workers run in their own working directory: a relative --encoder-checkpoint or --tokenizer-checkpoint
+    must reach them as an absolute path."""
+    from mavilt.train.steps import encoder_dir_of, resolve_init, vqgan_dir_of
+
+    ckpt = tmp_path / "runs" / "demo" / "checkpoint_1"
+    for sub, marker in (("encoder", "encoder.json"), ("vqgan", "vqgan.json"), ("llm", "config.json")):
+        (ckpt / sub).mkdir(parents=True)
+        (ckpt / sub / marker).write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    rel = Path("runs/demo/checkpoint_1")
+    assert encoder_dir_of(rel) == ckpt / "encoder" and encoder_dir_of(rel).is_absolute()
+    assert vqgan_dir_of(rel) == ckpt / "vqgan" and vqgan_dir_of(rel / "vqgan").is_absolute()
+    model_dir, tok_dir = resolve_init(rel)
+    assert model_dir == ckpt / "llm" and tok_dir.is_absolute()
+    with pytest.raises(FileNotFoundError, match="holds no encoder/encoder.json"):
+        encoder_dir_of(Path("runs/demo"))

@@ -45,11 +45,12 @@ def _numeric(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def find_model_dir(path: str | Path, sub: str, marker: str, what: str, hint: str) -> Path:
-    """``path`` itself, or ``path/sub``, whichever holds ``marker`` (a checkpoint or the model folder)."""
+    """``path`` itself, or ``path/sub``, whichever holds ``marker`` (a checkpoint or the model folder), made
+    absolute: train workers run in their own working directory, where a relative path means nothing."""
     p = Path(path)
     for cand in (p / sub, p):
         if (cand / marker).exists():
-            return cand
+            return cand.resolve()
     raise FileNotFoundError(f"{what} {p} holds no {sub}/{marker}; {hint}")
 
 
@@ -178,7 +179,7 @@ class _AttachCodes:
 
 def resolve_init(path: str | Path) -> tuple[Path, Path]:
     """(model dir, tokenizer dir) from a text-pretraining checkpoint or a plain Hugging Face model folder."""
-    p = Path(path)
+    p = Path(path).resolve()
     if (p / "llm" / "config.json").exists():
         return p / "llm", (p / "tokenizer" if (p / "tokenizer").exists() else p / "llm")
     if (p / "config.json").exists():
@@ -226,7 +227,7 @@ def run_stage(stage: str, cfg: Config, data: str | Path, tokenizer_checkpoint: s
             del model
         loop_cfg.update(theta0_dir=str(theta0_dir), tokenizer_dir=str(tok_dir))
     else:
-        init = Path(init_checkpoint)
+        init = Path(init_checkpoint).resolve()
         if not (init / "vocab.json").exists():
             raise FileNotFoundError(f"--init-checkpoint {init} is not a stage-1 checkpoint (no vocab.json)")
         vocab = read_vocab(init)
