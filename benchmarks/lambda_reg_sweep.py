@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     from mavilt.config import load_config
+    from mavilt.console import setup_logging
     from mavilt.raycluster import ensure_ray
-    from mavilt.runs import read_result, setup_logging, write_json
+    from mavilt.runs import read_result, write_json
     from mavilt.train.steps import run_stage
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

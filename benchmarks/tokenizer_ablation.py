@@ -52,11 +52,13 @@ def same_vqgan_config(run_dir: Path, cfg) -> bool:
 
 
 def main() -> None:
+    from mavilt.checkpoints import EncoderCheckpoint
     from mavilt.config import load_config
+    from mavilt.console import setup_logging
     from mavilt.data.prepare import prepare_dataset
     from mavilt.raycluster import ensure_ray
-    from mavilt.runs import read_result, setup_logging, write_json
-    from mavilt.train.steps import encoder_dir_of, run_encoder, run_vqgan
+    from mavilt.runs import read_result, write_json
+    from mavilt.train.steps import run_encoder, run_vqgan
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny")
@@ -86,7 +88,7 @@ def main() -> None:
             r = done or run_vqgan(run_cfg, data, runs, run_name, enc_ckpt)
             results.setdefault(name, []).append({k: r["metrics"][f"val_{k}"] for k in KEYS})
     for seed in a.seeds:
-        m = kmeans_baseline(cfg, data, seed, encoder_dir_of(enc_ckpt))
+        m = kmeans_baseline(cfg, data, seed, EncoderCheckpoint.find_model(enc_ckpt))
         results.setdefault("patch k-means", []).append({k: m[k] for k in KEYS})
 
     table = {name: {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))) for k in KEYS}

@@ -15,7 +15,7 @@ from mavilt.train.steps import run_encoder  # noqa: E402
 def main(argv=None) -> None:
     p = training_parser(__doc__, "encoder")
     a = p.parse_args(argv)
-    run_job(lambda cfg: run_encoder(cfg, a.data, a.storage, a.name), a.config, a.overrides)
+    run_job(lambda cfg: run_encoder(cfg, a.data, a.storage, a.name), a)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,17 @@ python jobs/evaluate.py --checkpoint BUNDLE --data DIR --out DIR [--split test] 
 Writes metrics.json, report.md, per_study.csv, PNG grids and model_card.md into OUT.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable under `ray job submit` too
 
-from mavilt.cli import run_job  # noqa: E402
+from mavilt.cli import job_parser, run_job  # noqa: E402
 from mavilt.eval.evaluate import run_evaluate  # noqa: E402
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="a model bundle (runs/<name>/stage2/bundle)")
     p.add_argument("--data", required=True, help="a dataset written by jobs/prepare.py")
     p.add_argument("--out", required=True, help="output folder")
@@ -24,7 +23,7 @@ def main(argv=None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the bundle's eval/generate settings, e.g. --set generate.num_beams=3")
     a = p.parse_args(argv)
-    run_job(lambda cfg: run_evaluate(a.checkpoint, a.data, a.out, a.overrides, a.split, a.limit), None, [])
+    run_job(lambda _: run_evaluate(a.checkpoint, a.data, a.out, a.overrides, a.split, a.limit), a, with_config=False)
 
 
 if __name__ == "__main__":

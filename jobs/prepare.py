@@ -4,19 +4,18 @@ python jobs/prepare.py --source {synthetic,mimic-cxr,mimic-cxr-jpg,iu-xray,csv} 
                        [--num-samples N] [--image-size PX] [--config FILE] [--set k=v]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable under `ray job submit` too
 
-from mavilt.cli import run_job  # noqa: E402
+from mavilt.cli import job_parser, run_job  # noqa: E402
 from mavilt.config import add_config_args  # noqa: E402
 from mavilt.data.prepare import SOURCES, run_prepare  # noqa: E402
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__)
     p.add_argument("--source", required=True, choices=sorted(SOURCES))
     p.add_argument("--root", help="the source's top folder (the CSV file for --source csv)")
     p.add_argument("--out", required=True, help="output dataset directory")
@@ -25,8 +24,8 @@ def main(argv=None) -> None:
     add_config_args(p)
     args = p.parse_args(argv)
     extra = [f"data.image_size={args.image_size}"] if args.image_size else []
-    run_job(lambda cfg: run_prepare(args.source, args.out, cfg, root=args.root, num_samples=args.num_samples),
-            args.config, args.overrides + extra)
+    args.overrides += extra
+    run_job(lambda cfg: run_prepare(args.source, args.out, cfg, root=args.root, num_samples=args.num_samples), args)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from mavilt.train.steps import run_pretrain_text  # noqa: E402
 
 def main(argv=None) -> None:
     p = training_parser(__doc__, "pretrain_text")
-    p.add_argument("--iu-reports", help="OpenI ecgen-radiology folder (default: .cache/iu_xray/ecgen-radiology)")
+    p.add_argument("--iu-reports", help="OpenI ecgen-radiology folder (default: the set-up's cache, .cache/iu_xray/ecgen-radiology)")
     a = p.parse_args(argv)
-    run_job(lambda cfg: run_pretrain_text(cfg, a.data, a.storage, a.name, a.iu_reports), a.config, a.overrides)
+    run_job(lambda cfg: run_pretrain_text(cfg, a.data, a.storage, a.name, a.iu_reports), a)
 
 
 if __name__ == "__main__":

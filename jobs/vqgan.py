@@ -17,7 +17,7 @@ def main(argv=None) -> None:
     p = training_parser(__doc__, "vqgan")
     p.add_argument("--encoder-checkpoint", help="phi for the feature loss: a checkpoint of jobs/encoder.py")
     a = p.parse_args(argv)
-    run_job(lambda cfg: run_vqgan(cfg, a.data, a.storage, a.name, a.encoder_checkpoint), a.config, a.overrides)
+    run_job(lambda cfg: run_vqgan(cfg, a.data, a.storage, a.name, a.encoder_checkpoint), a)
 
 
 if __name__ == "__main__":

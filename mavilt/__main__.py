@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from mavilt.console import quiet_environment, quiet_libraries
+from mavilt.errors import MavilError
 
 log = logging.getLogger("mavilt.main")
 
@@ -31,7 +33,7 @@ EXIT_USER_ERROR = 2
 MANIFEST_NAME = "mavilt.json"
 
 
-class CLIError(Exception):
+class CLIError(MavilError):
     """A problem with what the user passed: printed as one line, exit status 2."""
 
 
@@ -138,7 +140,7 @@ def _check_bundle(path: str) -> Path:
 def _load(args: argparse.Namespace):
     p = _check_bundle(args.bundle)
     device = _device(args.device)
-    _quiet_libraries(args.verbose)
+    quiet_libraries(verbose=args.verbose)
     try:
         from mavilt.bundle import load_bundle
 
@@ -261,25 +263,6 @@ def cmd_vqa(args: argparse.Namespace) -> None:
 COMMANDS = {"report": cmd_report, "synthesize": cmd_synthesize, "vqa": cmd_vqa}
 
 
-def _quiet_env(verbose: bool) -> None:
-    # Set before transformers is imported. Bundles are local: never reach for a hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
-    if not verbose:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def _quiet_libraries(verbose: bool) -> None:
-    # Keep stderr to what the user needs: no weight-loading progress bars or library chatter.
-    try:
-        from transformers.utils import logging as hf_logging
-
-        if not verbose:
-            hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -288,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    _quiet_env(args.verbose)
+    quiet_environment(verbose=args.verbose, offline=True)
     try:
         COMMANDS[args.command](args)
     except CLIError as e:
@@ -298,13 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
-        from mavilt.bundle import BundleError
-        from mavilt.config import ConfigError
-
-        if isinstance(e, (BundleError, ConfigError)):  # e.g. an unknown generation setting
-            return _fail(args, e)
-        raise
+    except MavilError as e:  # e.g. an unknown generation setting
+        return _fail(args, e)
     return 0
 
 

@@ -18,20 +18,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mavilt.checkpoints import StageCheckpoint, Theta0Files
 from mavilt.config import Config, config_from_dict
+from mavilt.errors import BundleError
 from mavilt.llm.vocab import JointVocab
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "mavilt.json"
+PARTS = ("vqgan", "encoder", "tokenizer", "llm", "adapter", "theta0")  # the manifest's "paths" keys
 
 
-class BundleError(ValueError):
-    pass
-
-
-def write_bundle(out: Path, stage2_checkpoint: Path, vqgan_dir: Path, encoder_dir: Path | None, cfg: Config) -> Path:
+def write_bundle(out: Path, stage2: StageCheckpoint, vqgan_dir: Path, encoder_dir: Path | None, cfg: Config) -> Path:
     """Assemble a bundle from the best stage-2 checkpoint and the tokenizer (and encoder) it was trained with."""
     from mavilt.llm.checkpoint import read_vocab
     from mavilt.runs import code_version
@@ -40,21 +39,17 @@ def write_bundle(out: Path, stage2_checkpoint: Path, vqgan_dir: Path, encoder_di
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ck = Path(stage2_checkpoint)
-    shutil.copytree(vqgan_dir, tmp / "vqgan")
-    if encoder_dir is not None:
-        shutil.copytree(encoder_dir, tmp / "encoder")
-    shutil.copytree(ck / "tokenizer", tmp / "tokenizer")
-    paths: dict[str, str | None] = {"vqgan": "vqgan", "encoder": "encoder" if encoder_dir else None, "tokenizer": "tokenizer",
-                                    "llm": None, "adapter": None, "theta0": None}
-    if (ck / "llm").exists():
-        shutil.copytree(ck / "llm", tmp / "llm")
-        paths["llm"] = "llm"
+    sources = {"vqgan": Path(vqgan_dir), "encoder": encoder_dir, "tokenizer": stage2.tokenizer}
+    if stage2.is_lora:
+        sources.update(adapter=stage2.adapter, theta0=stage2.theta0.root)
     else:
-        shutil.copytree(ck / "adapter", tmp / "adapter")
-        shutil.copytree(ck / "theta0", tmp / "theta0")
-        paths["adapter"], paths["theta0"] = "adapter", "theta0"
-    vocab = read_vocab(ck)
+        sources["llm"] = stage2.llm
+    paths: dict[str, str | None] = {part: None for part in PARTS}
+    for part, src in sources.items():
+        if src is not None:
+            shutil.copytree(src, tmp / part)
+            paths[part] = part
+    vocab = read_vocab(stage2)
     manifest = {
         "format_version": FORMAT_VERSION,
         "preset": cfg.preset,
@@ -62,7 +57,7 @@ def write_bundle(out: Path, stage2_checkpoint: Path, vqgan_dir: Path, encoder_di
         "image_size": cfg.data.image_size,
         "vocab": vocab.to_dict(),
         "paths": paths,
-        "source_checkpoint": str(ck),
+        "source_checkpoint": str(stage2.root),
         "config": cfg.to_dict(),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -120,11 +115,11 @@ class Bundle:
     # ---- the three tasks -------------------------------------------------------------------------
     def report_from_codes(self, codes: torch.Tensor, *, section: str | None = None, **overrides) -> list[str]:
         from mavilt.llm.generate import generate_text
-        from mavilt.llm.sequences import report_prompt
+        from mavilt.llm.tasks import REPORT
 
         g = self._gen(overrides)
         section = section or self.config.stage2.report_section
-        prompts = [report_prompt(self.vocab, self.codec, c.numpy(), stage=2, section=section) for c in codes]
+        prompts = [REPORT.prompt(self.vocab, self.codec, c.numpy(), section=section) for c in codes]
         ids = generate_text(self.llm, self.vocab, prompts, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
                             do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed)
         return [self.codec.decode(x) for x in ids]
@@ -135,12 +130,12 @@ class Bundle:
 
     def synthesize_codes(self, texts: Sequence[str], **overrides) -> torch.Tensor:
         from mavilt.llm.generate import generate_image_codes
-        from mavilt.llm.sequences import synthesis_prompt
+        from mavilt.llm.tasks import SYNTHESIZE
 
         g = self._gen(overrides)
         ml = self.config.llm.max_length
-        prompts = [synthesis_prompt(self.vocab, self.codec, t, stage=2, max_length=ml) for t in texts]
-        uncond = [synthesis_prompt(self.vocab, self.codec, None, stage=2, max_length=ml) for _ in texts]
+        prompts = [SYNTHESIZE.prompt(self.vocab, self.codec, t, max_length=ml) for t in texts]
+        uncond = [SYNTHESIZE.prompt(self.vocab, self.codec, None, max_length=ml) for _ in texts]
         return generate_image_codes(self.llm, self.vocab, prompts, uncond_prompts=uncond, cfg_scale=g.cfg_scale,
                                     temperature=g.image_temperature, top_k=g.top_k, top_p=g.top_p if g.do_sample else 1.0,
                                     seed=g.seed)
@@ -151,9 +146,9 @@ class Bundle:
 
     def vqa_from_codes(self, codes: torch.Tensor, questions: Sequence[str], choices: Sequence[Sequence[str] | None]) -> list[dict[str, Any]]:
         from mavilt.llm.generate import answer_probabilities, generate_text
-        from mavilt.llm.sequences import vqa_prompt
+        from mavilt.llm.tasks import VQA
 
-        prompts = [vqa_prompt(self.vocab, self.codec, c.numpy(), q) for c, q in zip(codes, questions)]
+        prompts = [VQA.prompt(self.vocab, self.codec, c.numpy(), q) for c, q in zip(codes, questions)]
         out: list[dict[str, Any] | None] = [None] * len(prompts)
         closed = [i for i, ch in enumerate(choices) if ch]
         if closed:
@@ -191,10 +186,15 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None) -> B
     mf = p / MANIFEST
     if not mf.exists():
         raise BundleError(f"{p} is not a model bundle (no {MANIFEST}); stage 2 writes one at runs/<name>/stage2/bundle")
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mf} is not valid JSON ({e}); the bundle is damaged: copy it again or re-run stage 2") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"bundle {p} has format version {manifest.get('format_version')}; this code reads {FORMAT_VERSION}")
-    cfg = config_from_dict(manifest["config"])
+        raise BundleError(f"bundle {p} has format version {manifest.get('format_version')}; this code reads version "
+                          f"{FORMAT_VERSION}: load it with the MAViLT version that wrote it (code version "
+                          f"{manifest.get('code_version')}) or re-run stage 2 with this one")
+    cfg = config_from_dict(manifest["config"], f"the config in {mf}")
     vocab = JointVocab.from_dict(manifest["vocab"])
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     paths = manifest["paths"]
@@ -208,7 +208,7 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None) -> B
 
         from mavilt.llm.model import load_theta0_model
 
-        base, _ = load_theta0_model(p / paths["theta0"], cfg.llm)
+        base, _ = load_theta0_model(Theta0Files(p / paths["theta0"]), cfg.llm)
         llm = PeftModel.from_pretrained(base, str(p / paths["adapter"])).merge_and_unload()
     llm = llm.to(dev).eval()
     vqgan = VQGAN.from_pretrained(p / paths["vqgan"]).to(dev).eval()

@@ -1,42 +1,37 @@
-"""What every job entry point shares: logging, config loading, and one clear message for user errors."""
+"""What every job entry point shares: argument parsers, logging, config loading, and one clear line for a
+user's error.
+
+Only the project's own errors (:class:`mavilt.errors.MavilError`: config, dataset, checkpoint, bundle, bad
+input) are printed as one ``error: ...`` line with exit status 2; anything else is a bug or an environment
+problem and keeps its traceback. ``--debug`` shows the traceback of user errors too.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import sys
 from typing import Any, Callable
 
-from mavilt.bundle import BundleError
-from mavilt.config import Config, ConfigError, load_config
-from mavilt.data.shards import DatasetError
-from mavilt.runs import setup_logging
+from mavilt.config import Config, add_config_args, load_config
+from mavilt.errors import MavilError
 
 log = logging.getLogger("mavilt")
 
-# Errors a user can cause and fix: print the message alone, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, BundleError, DatasetError, FileNotFoundError, ValueError)
+EXIT_USER_ERROR = 2
 
 
-def run_job(fn: Callable[[Config], Any], preset: str | None, overrides: list[str]) -> Any:
-    from mavilt.train.loops import quiet_libraries
-
-    setup_logging()
-    quiet_libraries()
-    try:
-        cfg = load_config(preset, overrides)
-        return fn(cfg)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def training_parser(doc: str, default_name: str):
-    """The arguments every training job shares: --data, --storage, --name, --config, --set."""
-    import argparse
-
-    from mavilt.config import add_config_args
-
+def job_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A job's parser with ``--debug``; the job adds its own arguments."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    return p
+
+
+def training_parser(doc: str | None, default_name: str) -> argparse.ArgumentParser:
+    """The arguments every training job shares: --data, --storage, --name, --config, --set, --debug."""
+    p = job_parser(doc)
     p.add_argument("--data", required=True, help="a dataset written by jobs/prepare.py")
     p.add_argument("--storage", required=True, help="folder for runs (checkpoints land in STORAGE/NAME)")
     p.add_argument("--name", default=default_name, help="run name; re-running with the same name resumes")
@@ -44,16 +39,43 @@ def training_parser(doc: str, default_name: str):
     return p
 
 
-def stage_main(stage: str, doc: str, argv=None) -> None:
+def run_job(fn: Callable[[Config], dict[str, Any]], args: argparse.Namespace, *, with_config: bool = True) -> dict[str, Any]:
+    """Set up logging, build the config from ``--config``/``--set`` (unless the job builds its own), run, and
+    print the job's result line on stdout."""
+    from mavilt.console import prepare_environment, quiet_libraries, setup_logging
+
+    prepare_environment()  # before anything imports Ray
+    debug = bool(getattr(args, "debug", False))
+    setup_logging(debug)
+    quiet_libraries()
+    try:
+        cfg = load_config(args.config, args.overrides) if with_config else None
+        result = fn(cfg)
+    except MavilError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    # A job's stdout is exactly its JSON result line.
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def stage_main(stage: str, doc: str | None, argv=None) -> None:
     """`jobs/stage1.py` and `jobs/stage2.py`: the same arguments, a different starting point."""
+    from mavilt.llm.stages import get_stage
     from mavilt.train.steps import run_stage
 
+    s = get_stage(stage)
     p = training_parser(doc, stage)
     p.add_argument("--tokenizer-checkpoint", required=True, help="the VQ-GAN checkpoint (jobs/vqgan.py)")
-    p.add_argument("--init-checkpoint", required=True,
-                   help="stage 1: a text-pretraining checkpoint or a Hugging Face model folder; stage 2: a stage-1 checkpoint")
-    p.add_argument("--encoder-checkpoint", help="stage 2: the CXR encoder to put in the bundle (default: the VQ-GAN's)")
-    p.add_argument("--iu-reports", help="OpenI report folder for held-out text perplexity (default: .cache/iu_xray/...)")
+    init_help = {"pretrained_lm": "a text-pretraining checkpoint (jobs/pretrain_text.py) or a Hugging Face model folder",
+                 "stage1_checkpoint": "a stage-1 checkpoint (jobs/stage1.py)"}[s.starts_from]
+    p.add_argument("--init-checkpoint", required=True, help=init_help)
+    if s.writes_bundle:
+        p.add_argument("--encoder-checkpoint",
+                       help="the CXR encoder to put in the bundle (default: the one the VQ-GAN was trained with)")
+    p.add_argument("--iu-reports", help="OpenI report folder for held-out text perplexity (default: the set-up's cache)")
     a = p.parse_args(argv)
     run_job(lambda cfg: run_stage(stage, cfg, a.data, a.tokenizer_checkpoint, a.init_checkpoint, a.storage, a.name,
-                                  encoder_checkpoint=a.encoder_checkpoint, iu_dir=a.iu_reports), a.config, a.overrides)
+                                  encoder_checkpoint=getattr(a, "encoder_checkpoint", None), iu_dir=a.iu_reports), a)

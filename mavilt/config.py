@@ -1,17 +1,20 @@
 """Typed configuration for every MAViLT stage.
 
-A config is a tree of dataclasses. Presets live in ``configs/*.yaml`` and are partial trees: anything they
-leave out keeps the dataclass default. Jobs apply ``--set section.key=value`` overrides on top (values are
-parsed as YAML, then checked against the field's type). Unknown keys and wrong types raise
-:class:`ConfigError` with one message that lists the valid keys. The resolved config is saved beside every
-output (``config.yaml``) and hashed for the pipeline's skip logic.
+A config is a tree of dataclasses whose fields carry their help text. Presets live in ``mavilt/configs``
+(the checkout's ``configs/``) and are partial trees: anything they leave out keeps the dataclass default.
+Jobs apply ``--set section.key=value`` overrides on top (values are parsed as YAML, then checked against the
+field's type); :meth:`Config.with_overrides` does the same for a config already built. Unknown keys and wrong
+types raise :class:`ConfigError` with one message naming the key, its type and its help. The resolved config
+is saved beside every output (``config.yaml``) and inside every checkpoint; configs saved by older code are
+migrated when they are read back (:func:`config_from_dict`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
-import json
+import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,207 +23,224 @@ from typing import Any, Literal
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from mavilt.errors import ConfigError
+from mavilt.hashing import config_hash
+from mavilt.paths import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_overrides", "valid_keys",
+           "list_presets", "add_config_args", "CONFIG_VERSION"]
+
+# 2: each LLM stage offers only the settings it uses; no tune/serve sections until they configure something.
+CONFIG_VERSION = 2
+
+Section = Literal["findings", "impression", "both"]
 
 
-class ConfigError(ValueError):
-    """A user-caused configuration problem (bad key, bad type, bad value, missing file)."""
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text (shown in errors and by ``--help``-like listings)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class DataConfig:
     """How shards are prepared (image size, bit depth) and how the synthetic set is drawn."""
 
-    image_size: int = 64
-    bit_depth: Literal[8, 16] = 8
-    num_samples: int = 2000  # synthetic source only
-    seed: int = 0
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train, validate, test
-    rows_per_file: int = 1000
-    # Ray Data map_batches size for conversion; small keeps memory flat with big DICOMs.
-    batch_size: int = 16
+    image_size: int = setting(64, "side of the square images written to the shards, in pixels (8-1024)")
+    bit_depth: Literal[8, 16] = setting(8, "PNG bit depth of the shards")
+    num_samples: int = setting(2000, "synthetic source only: how many phantom images to draw")
+    seed: int = setting(0, "seed of the synthetic source and of the sources' split assignment")
+    split_fractions: list[float] = setting(help="train, validate, test fractions (sources without a split file)",
+                                           factory=lambda: [0.8, 0.1, 0.1])
+    rows_per_file: int = setting(1000, "rows per Parquet file")
+    # Small batches keep memory flat with big DICOMs.
+    batch_size: int = setting(16, "records per Ray Data conversion batch")
 
 
 @dataclass
 class ComputeConfig:
     """Ray Train scaling shared by all training steps."""
 
-    num_workers: int = 1
-    use_gpu: bool = False
+    num_workers: int = setting(1, "Ray Train workers")
+    use_gpu: bool = setting(False, "train on GPUs (NCCL) instead of CPUs (gloo)")
     # Fractional CPUs leave Ray Data a CPU of its own on small machines (see REFERENCE.md).
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    torch_threads: int = 1  # torch.set_num_threads inside each worker
-    max_failures: int = 0  # FailureConfig(max_failures)
-    keep_checkpoints: int = 2  # CheckpointConfig(num_to_keep), best by the step's validation score
+    cpus_per_worker: float = setting(1.0, "CPUs each train worker reserves (fractions allowed)")
+    gpus_per_worker: float = setting(1.0, "GPUs each train worker reserves when use_gpu (fractions allowed)")
+    torch_threads: int = setting(1, "torch.set_num_threads inside each worker")
+    max_failures: int = setting(0, "Ray Train FailureConfig(max_failures): restarts from the last checkpoint")
+    keep_checkpoints: int = setting(2, "checkpoints kept per run, best by the step's validation score")
 
 
 @dataclass
 class EncoderConfig:
     """The in-house CXR encoder (phi): a CheXpert multi-label classifier reused for FID and label fidelity."""
 
-    width: int = 32
-    depth: int = 4  # downsampling stages; feature dim = width * 2**(depth-1)
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    max_steps: int = 600
-    eval_every: int = 100
-    seed: int = 0
-    augment: bool = True
+    width: int = setting(32, "channels of the first stage (doubling per stage)")
+    depth: int = setting(4, "downsampling stages; feature dim = width * 2**(depth-1)")
+    lr: float = setting(2e-3, "peak learning rate (one-cycle schedule)")
+    weight_decay: float = setting(1e-4, "AdamW weight decay")
+    batch_size: int = setting(64, "images per step per worker")
+    max_steps: int = setting(600, "training steps")
+    eval_every: int = setting(100, "steps between validation passes (and checkpoints)")
+    log_every: int = setting(25, "steps between progress lines and metric reports")
+    seed: int = setting(0, "seed of weights, augmentation and data order")
+    augment: bool = setting(True, "small shifts and contrast jitter (no flips: laterality matters)")
 
 
 @dataclass
 class VQGANConfig:
     """The image tokenizer and its composite loss."""
 
-    downsample: int = 8  # f: tokens per image = (image_size / f) ** 2
-    channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])  # n entries halve the size n-1 times: 2**(n-1) == downsample
-    num_res_blocks: int = 1
-    mid_block: bool = True  # two ResNet blocks at the lowest resolution (encoder and decoder)
-    codebook_size: int = 256
-    code_dim: int = 32
-    codebook_decay: float = 0.95  # EMA decay of the codebook
-    commitment_weight: float = 0.25
-    dead_code_threshold: float = 1.0  # codes used fewer times per batch than this are restarted
-    use_cosine_sim: bool = False  # l2-normalised codes and inputs (cosine distance) instead of Euclidean
-    kmeans_init: bool = False  # initialise the codebook by k-means on the first training batch
-    lambda_l1: float = 1.0
-    lambda_grad: float = 1.0
-    lambda_feat: float = 0.1
-    lambda_perceptual: float = 0.0
-    lambda_adv: float = 0.1
-    disc_start: int = 100000  # step at which the adversarial term switches on
-    disc_channels: int = 32
-    disc_layers: int = 2
-    feature_encoder: str = "inhouse"  # inhouse | xrv | module:<import.path>:<attr>
-    feature_weights: str | None = None  # weights file for xrv / module encoders
-    lr: float = 1e-3
-    disc_lr: float = 2e-4
-    batch_size: int = 32
-    max_steps: int = 1500
-    eval_every: int = 250
-    seed: int = 0
+    downsample: int = setting(8, "f: tokens per image = (image_size / f) ** 2")
+    channels: int = setting(64, "base channels of encoder and decoder")
+    channel_mult: list[int] = setting(help="per-resolution channel multipliers; n entries halve the size n-1 times "
+                                           "(2**(n-1) == downsample)", factory=lambda: [1, 2, 2, 4])
+    num_res_blocks: int = setting(1, "ResNet blocks per resolution")
+    mid_block: bool = setting(True, "two ResNet blocks at the lowest resolution (encoder and decoder)")
+    codebook_size: int = setting(256, "K: codes in the codebook (image ids in the LLM vocabulary)")
+    code_dim: int = setting(32, "dimension of each code vector")
+    codebook_decay: float = setting(0.95, "EMA decay of the codebook")
+    commitment_weight: float = setting(0.25, "weight of the commitment loss")
+    dead_code_threshold: float = setting(1.0, "codes used fewer times per batch than this are restarted")
+    use_cosine_sim: bool = setting(False, "l2-normalised codes and inputs (cosine distance) instead of Euclidean")
+    kmeans_init: bool = setting(False, "initialise the codebook by k-means on the first training batch")
+    lambda_l1: float = setting(1.0, "weight of the L1 reconstruction term")
+    lambda_grad: float = setting(1.0, "weight of the Sobel image-gradient term (keeps lesion edges)")
+    lambda_feat: float = setting(0.1, "weight of the CXR-encoder feature term")
+    lambda_perceptual: float = setting(0.0, "weight of the perceptual term on the encoder's intermediate maps")
+    lambda_adv: float = setting(0.1, "weight of the adversarial term (adaptive, after disc_start)")
+    disc_start: int = setting(100000, "step at which the adversarial term switches on")
+    disc_channels: int = setting(32, "discriminator base channels")
+    disc_layers: int = setting(2, "discriminator downsampling layers")
+    feature_encoder: str = setting("inhouse", "phi for the feature term: inhouse | xrv | module:<import.path>:<attr>")
+    feature_weights: str | None = setting(None, "weights file for xrv / module encoders")
+    lr: float = setting(1e-3, "generator learning rate (cosine decay to 10%)")
+    disc_lr: float = setting(2e-4, "discriminator learning rate")
+    batch_size: int = setting(32, "images per step per worker")
+    max_steps: int = setting(1500, "training steps")
+    eval_every: int = setting(250, "steps between validation passes (and checkpoints)")
+    log_every: int = setting(50, "steps between progress lines and metric reports")
+    seed: int = setting(0, "seed of weights and data order")
 
 
 @dataclass
 class LLMConfig:
     """The causal LM whose vocabulary is extended with image codes."""
 
-    base: str = "tiny"  # "tiny" builds a small Llama from the fields below; anything else: local HF path or hub name
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 688
-    max_length: int = 256
-    text_vocab_size: int = 3000  # BPE vocabulary trained by jobs/pretrain_text.py (tiny only)
-    finetune: Literal["full", "lora"] = "full"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base: str = setting("tiny", "'tiny' builds a small Llama from the fields below; else a local HF model "
+                                "folder (or a hub name where a hub is reachable)")
+    hidden_size: int = setting(256, "tiny LM: hidden size")
+    num_layers: int = setting(4, "tiny LM: decoder layers")
+    num_heads: int = setting(4, "tiny LM: attention heads")
+    intermediate_size: int = setting(688, "tiny LM: MLP width")
+    max_length: int = setting(256, "longest training sequence in tokens (prompt + response)")
+    text_vocab_size: int = setting(3000, "tiny LM: BPE vocabulary trained by jobs/pretrain_text.py")
+    finetune: Literal["full", "lora"] = setting("full", "stage 1 and 2: train every weight, or LoRA adapters "
+                                                        "plus the new embedding rows")
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA alpha")
+    lora_dropout: float = setting(0.05, "LoRA dropout")
+    lora_targets: list[str] = setting(
+        help="module names LoRA adapts (those the model has)",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
-    gradient_checkpointing: bool = False
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
+    dtype: Literal["float32", "bfloat16"] = setting("float32", "weights dtype when loading a HF model")
 
 
 @dataclass
 class LLMTrainConfig:
-    """One training stage of the LLM (text pretraining, stage 1 or stage 2): the same loop runs all three."""
+    """What every LLM training run shares (text pretraining, stage 1, stage 2): the same loop runs all three."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    batch_size: int = 16  # per worker
-    max_steps: int = 1000
-    eval_every: int = 200
-    log_every: int = 20
-    lambda_reg: float = 0.0
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
-    seed: int = 0
-    # Relative sampling weight of each task; stage 1 uses image_to_report/report_to_image.
-    task_weights: dict[str, float] = field(default_factory=dict)
-    report_section: Literal["findings", "impression", "both"] = "findings"
-    condition_dropout: float = 0.1  # report->image: drop the report so classifier-free guidance can be used
-    heldout_fraction: float = 0.05  # text pretraining: fixed part held out for perplexity
+    lr: float = setting(1e-3, "peak learning rate (linear warm-up, cosine decay to 10%)")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on norms, biases, embeddings)")
+    warmup_steps: int = setting(50, "linear warm-up steps")
+    grad_clip: float = setting(1.0, "gradient norm clip (0: off)")
+    batch_size: int = setting(16, "sequences per step per worker")
+    max_steps: int = setting(1000, "training steps")
+    eval_every: int = setting(200, "steps between validation passes (and checkpoints)")
+    log_every: int = setting(20, "steps between progress lines and metric reports")
+    strategy: Literal["ddp", "deepspeed"] = setting("ddp", "ddp (or one process), or DeepSpeed ZeRO")
+    deepspeed_config: str = setting("configs/deepspeed/zero2.json", "DeepSpeed JSON (zero2.json or zero3.json)")
+    seed: int = setting(0, "seed of weights, example draws and batch order")
+
+
+@dataclass
+class PretrainTextConfig(LLMTrainConfig):
+    """Text pretraining of the tiny LM on report texts (skipped for a real pretrained LM)."""
+
+    heldout_fraction: float = setting(0.05, "share of the report corpus held out; every LLM stage measures its "
+                                            "perplexity on it (split by pretrain_text.seed)")
+
+
+@dataclass
+class StageConfig(LLMTrainConfig):
+    """Stage 1 (image<->report alignment) or stage 2 (instruction tuning): tasks, regularizer, sections."""
+
+    lambda_reg: float = setting(0.0, "weight of lambda_reg * ||theta - theta_0||^2 (keeps the LM's language)")
+    task_weights: dict[str, float] = setting(help="relative sampling weight of each of the stage's tasks "
+                                                  "(empty: all 1)", factory=dict)
+    report_section: Section = setting("findings", "report section the report tasks read and write")
+    condition_dropout: float = setting(0.1, "report->image tasks: probability of dropping the report, so "
+                                            "classifier-free guidance can be used")
 
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = 96
-    num_beams: int = 3
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 0
-    cfg_scale: float = 1.0  # classifier-free guidance for report->image (1 = off)
-    image_temperature: float = 1.0
-    seed: int = 0
+    """Decoding settings (evaluation, CLI); each may be overridden per call."""
+
+    max_new_tokens: int = setting(96, "longest generated report in tokens")
+    num_beams: int = setting(3, "beam width for reports (1: greedy or sampling)")
+    do_sample: bool = setting(False, "nucleus/top-k sampling instead of greedy/beam for reports")
+    temperature: float = setting(1.0, "report sampling temperature")
+    top_p: float = setting(0.9, "nucleus sampling mass")
+    top_k: int = setting(0, "sample among the k most likely ids (0: all)")
+    cfg_scale: float = setting(1.0, "classifier-free guidance scale for report->image (1: off)")
+    image_temperature: float = setting(1.0, "image code sampling temperature (0: greedy)")
+    seed: int = setting(0, "sampling seed")
 
 
 @dataclass
 class EvalConfig:
-    split: Literal["train", "validate", "test"] = "test"
-    limit: int | None = None
-    batch_size: int = 32
-    report_section: Literal["findings", "impression", "both"] = "findings"
-    uncertain_policy: Literal["negative", "positive"] = "negative"
-    bootstrap_samples: int = 1000
-    fid_network: str = "inhouse"  # inhouse | xrv | inception
-    fid_weights: str | None = None
-    max_words: int | None = 100  # R2Gen: 60 (IU X-ray) / 100 (MIMIC-CXR) words per report for the metrics
-    nlg_bootstrap_samples: int = 200  # corpus BLEU/ROUGE are recomputed per replicate: fewer than for F1
-    synth_limit: int | None = None  # studies to synthesise images for (None: all)
-    retrieval_pool: int = 4000  # training images the nearest-neighbour baseline searches
-    workers: int = 0  # Ray Data actors for generation; 0: auto (local on a CPU-only machine of <= 4 cores)
-    seed: int = 0
+    """`jobs/evaluate.py`: split, conventions, baselines and bootstrap settings."""
 
-
-@dataclass
-class TuneConfig:
-    num_samples: int = 8
-    max_concurrent: int = 1
-    metric: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
-    grace_period: int = 1  # ASHA: reports before a trial may be stopped
-    reduction_factor: int = 2
-    seed: int = 0
-
-
-@dataclass
-class ServeConfig:
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 2.0
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.05
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    split: Literal["train", "validate", "test"] = setting("test", "split to evaluate")
+    limit: int | None = setting(None, "evaluate the first N images only (None: all)")
+    batch_size: int = setting(32, "prediction batch size")
+    report_section: Section = setting("findings", "reference section the reports are scored against")
+    uncertain_policy: Literal["negative", "positive"] = setting("negative", "uncertain CheXpert labels count as")
+    bootstrap_samples: int = setting(1000, "bootstrap replicates for F1, accuracy and ROUGE-L CIs")
+    fid_network: str = setting("inhouse", "FID features: inhouse | xrv | inception")
+    fid_weights: str | None = setting(None, "weights file for the xrv / inception FID networks")
+    max_words: int | None = setting(100, "R2Gen: 60 (IU X-ray) / 100 (MIMIC-CXR) words per report for the metrics")
+    nlg_bootstrap_samples: int = setting(200, "bootstrap replicates for corpus BLEU (recomputed per replicate)")
+    synth_limit: int | None = setting(None, "studies to synthesise images for (None: all)")
+    retrieval_pool: int = setting(4000, "training images the nearest-neighbour baseline searches")
+    workers: int = setting(0, "Ray Data actors for generation; 0: auto (local on a CPU-only machine of <= 4 cores)")
+    seed: int = setting(0, "seed of bootstraps, derangements and random codes")
 
 
 @dataclass
 class Config:
-    preset: str = "tiny"
-    data: DataConfig = field(default_factory=DataConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    pretrain_text: LLMTrainConfig = field(default_factory=LLMTrainConfig)
-    stage1: LLMTrainConfig = field(default_factory=LLMTrainConfig)
-    stage2: LLMTrainConfig = field(default_factory=LLMTrainConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    preset: str = setting("tiny", "name of the preset (or YAML file) this config came from")
+    data: DataConfig = setting(help="dataset preparation", factory=DataConfig)
+    compute: ComputeConfig = setting(help="Ray Train scaling", factory=ComputeConfig)
+    encoder: EncoderConfig = setting(help="the in-house CXR encoder phi", factory=EncoderConfig)
+    vqgan: VQGANConfig = setting(help="the image tokenizer", factory=VQGANConfig)
+    llm: LLMConfig = setting(help="the causal LM", factory=LLMConfig)
+    pretrain_text: PretrainTextConfig = setting(help="text pretraining of the tiny LM", factory=PretrainTextConfig)
+    stage1: StageConfig = setting(help="stage 1: image<->report alignment", factory=StageConfig)
+    stage2: StageConfig = setting(help="stage 2: instruction tuning (report, synthesize, vqa)", factory=StageConfig)
+    generate: GenerateConfig = setting(help="decoding", factory=GenerateConfig)
+    eval: EvalConfig = setting(help="evaluation", factory=EvalConfig)
 
     # ---- conversions -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain data, with the version that :func:`config_from_dict` migrates from."""
+        return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -234,47 +254,100 @@ class Config:
     def hash(self, *sections: str) -> str:
         """Stable hash of the whole config, or of the named sections only."""
         d = self.to_dict()
-        if sections:
-            d = {s: d[s] for s in sections}
-        blob = json.dumps(d, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return config_hash({s: d[s] for s in sections} if sections else d)
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any], source: str = "--set") -> "Config":
+        """A copy with ``key=value`` strings (or a nested mapping) applied and checked; ``self`` is unchanged."""
+        cfg = copy.deepcopy(self)
+        _apply(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "", source)
+        _check(cfg)
+        return cfg
+
+    def section(self, name: str) -> Any:
+        """A section by name (``cfg.section("stage2")``), with a clear error for an unknown one."""
+        if name not in _section_names():
+            raise ConfigError(f"no config section '{name}'; sections: {', '.join(_section_names())}")
+        return getattr(self, name)
+
+
+# ---- describing keys ---------------------------------------------------------------------------------
+
+
+def _section_names() -> list[str]:
+    hints = typing.get_type_hints(Config)
+    return [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])]
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def valid_keys() -> list[str]:
+    """Every settable key, dotted (``stage2.lambda_reg``)."""
+    keys = []
+    for f, t in _fields(Config):
+        if dataclasses.is_dataclass(t):
+            keys.extend(f"{f.name}.{g.name}" for g, _ in _fields(t))
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def describe_key(key: str) -> str:
+    """``stage2.lambda_reg (float): weight of ...`` for one dotted key."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        found = {f.name: (f, t) for f, t in _fields(cls)}
+        if p not in found:
+            raise KeyError(key)
+        f, t = found[p]
+        if i < len(parts) - 1:
+            cls = t
+    return f"{key} ({_type_name(t)}): {f.metadata.get('help', '')}".rstrip(": ")
+
+
+def _section_listing(cls: type, prefix: str) -> str:
+    return "; ".join(describe_key(f"{prefix}{f.name}") for f, _ in _fields(cls))
+
+
+def _unknown_key_error(dotted: str, cls: type, prefix: str, source: str) -> ConfigError:
+    names = [f.name for f, _ in _fields(cls)]
+    leaf = dotted.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, names, n=1)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    if cls is Config:
+        listing = "sections: " + ", ".join(f"{n} ({f.metadata.get('help', '')})" for f, _ in _fields(Config)
+                                           for n in [f.name])
+    else:
+        listing = f"valid keys of '{prefix[:-1]}': " + _section_listing(cls, prefix)
+    return ConfigError(f"unknown config key '{dotted}' (from {source}).{hint} The {listing}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + "/".join(map(str, typing.get_args(tp)))
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    if origin is None:
+        return getattr(tp, "__name__", str(tp))
+    return str(tp).replace("typing.", "")
 
 
 # ---- validation and overrides -------------------------------------------------------------------------
 
 
-def _valid_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        t = hints[f.name]
-        if dataclasses.is_dataclass(t):
-            keys.extend(_valid_keys(t, f"{prefix}{f.name}."))
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
-def valid_keys() -> list[str]:
-    """Every settable key, dotted (``stage2.lambda_reg``)."""
-    return _valid_keys(Config)
-
-
-def _unknown_key_error(key: str, source: str) -> ConfigError:
-    return ConfigError(
-        f"unknown config key '{key}' (from {source}). Valid keys: " + ", ".join(valid_keys())
-    )
-
-
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; allow int->float and str->Path-like strings."""
+    """Check ``value`` against the annotation ``tp``; allow int->float and YAML's string-read floats."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
 
     def bad() -> ConfigError:
         return ConfigError(
             f"config key '{key}' (from {source}) expects {_type_name(tp)}, got {value!r} "
-            f"({type(value).__name__}). Fix the value; valid keys: " + ", ".join(valid_keys())
+            f"({type(value).__name__}): {describe_key(key)}"
         )
 
     if tp is Any:
@@ -293,9 +366,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
-        raise ConfigError(
-            f"config key '{key}' (from {source}) must be one of {list(args)}, got {value!r}"
-        )
+        raise ConfigError(f"config key '{key}' (from {source}) must be one of {list(args)}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise bad()
@@ -330,23 +401,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise bad()
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + "/".join(map(str, typing.get_args(tp)))
-    if origin is None:
-        return getattr(tp, "__name__", str(tp))
-    return str(tp).replace("typing.", "")
-
-
 def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    fields = {f.name: t for f, t in _fields(type(obj))}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if key not in names:
-            raise _unknown_key_error(dotted, source)
-        tp = hints[key]
+        if key not in fields:
+            raise _unknown_key_error(dotted, type(obj), prefix, source)
+        tp = fields[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config section '{dotted}' (from {source}) must be a mapping, got {value!r}")
@@ -357,11 +418,11 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
 
 def _check(cfg: Config) -> None:
     """Cross-field checks that a type alone cannot express."""
+    from mavilt.llm.stages import STAGES, check_task_weights  # the stages own their task lists
+
     d, v = cfg.data, cfg.vqgan
     if d.image_size % v.downsample:
-        raise ConfigError(
-            f"data.image_size={d.image_size} must be a multiple of vqgan.downsample={v.downsample}"
-        )
+        raise ConfigError(f"data.image_size={d.image_size} must be a multiple of vqgan.downsample={v.downsample}")
     if 2 ** (len(v.channel_mult) - 1) != v.downsample:
         raise ConfigError(
             f"vqgan.channel_mult has {len(v.channel_mult)} entries, which gives a downsampling factor of "
@@ -373,6 +434,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"data.split_fractions must be three non-negative numbers summing to 1, got {fr}")
     if not 8 <= d.image_size <= 1024:
         raise ConfigError(f"data.image_size must be between 8 and 1024, got {d.image_size}")
+    for name in STAGES:
+        section = cfg.section(name)
+        if isinstance(section, StageConfig):
+            check_task_weights(name, section.task_weights)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -397,16 +462,47 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return nested
 
 
+# ---- configs written by older code --------------------------------------------------------------------
+
+# Keys version 1 accepted although nothing read them (or read another section's): dropped when read back.
+_REMOVED_IN_2: dict[str, tuple[str, ...]] = {
+    "pretrain_text": ("lambda_reg", "task_weights", "report_section", "condition_dropout"),
+    "stage1": ("heldout_fraction",),
+    "stage2": ("heldout_fraction",),
+}
+_SECTIONS_REMOVED_IN_2 = ("tune", "serve")
+
+
+def _migrate(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A saved or user config mapping, brought to :data:`CONFIG_VERSION`."""
+    data = dict(data)
+    version = data.pop("config_version", 1)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ConfigError(f"{source} has config_version {version!r}; this code reads versions 1 to {CONFIG_VERSION}: "
+                          "update MAViLT, or write the config again with this version")
+    if version == 1:
+        for s in _SECTIONS_REMOVED_IN_2:
+            data.pop(s, None)
+        for s, keys in _REMOVED_IN_2.items():
+            if isinstance(data.get(s), dict):
+                data[s] = {k: v for k, v in data[s].items() if k not in keys}
+    return data
+
+
+# ---- presets ------------------------------------------------------------------------------------------
+
+
 def resolve_preset(preset: str | Path) -> Path:
     """A preset name (``tiny``) or a path to a YAML file."""
     p = Path(preset)
     if p.suffix in (".yaml", ".yml"):
         if not p.exists():
-            raise ConfigError(f"config file {p} does not exist; pass a preset name ({list_presets()}) or a YAML path")
+            raise ConfigError(f"config file {p} does not exist; pass a preset name ({', '.join(list_presets())}) "
+                              "or a YAML path")
         return p
     candidate = CONFIG_DIR / f"{preset}.yaml"
     if not candidate.exists():
-        raise ConfigError(f"unknown preset '{preset}'; available: {list_presets()} (or pass a YAML path)")
+        raise ConfigError(f"unknown preset '{preset}'; available: {', '.join(list_presets())} (or pass a YAML path)")
     return candidate
 
 
@@ -425,6 +521,7 @@ def load_config(preset: str | Path | None = "tiny", overrides: list[str] | None 
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+        data = _migrate(data, str(path))
         data.setdefault("preset", path.stem)
         _apply(cfg, data, "", str(path))
     _apply(cfg, parse_overrides(overrides), "", "--set")
@@ -432,10 +529,10 @@ def load_config(preset: str | Path | None = "tiny", overrides: list[str] | None 
     return cfg
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a config saved with a checkpoint (``Config.to_dict`` output)."""
+def config_from_dict(data: dict[str, Any], source: str = "saved config") -> Config:
+    """Rebuild a config saved with a checkpoint or bundle (``Config.to_dict`` output, any config version)."""
     cfg = Config()
-    _apply(cfg, data, "", "saved config")
+    _apply(cfg, _migrate(data, source), "", source)
     _check(cfg)
     return cfg
 
@@ -443,7 +540,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def add_config_args(parser) -> None:
     """The arguments every job shares: ``--config`` and repeatable ``--set``."""
     parser.add_argument(
-        "--config", default="tiny", help="preset name (tiny, base, paper) or path to a YAML config"
+        "--config", default="tiny", metavar="PRESET_OR_YAML",
+        help=f"preset name ({', '.join(list_presets())}) or path to a YAML config (default: tiny)",
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

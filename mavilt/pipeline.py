@@ -7,7 +7,6 @@ steps it reads from, so changing the VQ-GAN re-runs everything downstream of it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -16,7 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mavilt.config import Config
-from mavilt.runs import read_result, write_json
+from mavilt.console import progress
+from mavilt.errors import InputError
+from mavilt.hashing import config_hash
+from mavilt.runs import StepOutput, read_result, write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +90,9 @@ STEPS: list[Step] = [
 
 
 def step_hash(cfg: Config, step: Step, results: Results) -> str:
-    d = cfg.to_dict()
-    key = {
-        "step": step.name,
-        "config": {s: d[s] for s in step.sections},
-        "upstream": {n: results[n]["config_hash"] for n in step.needs},
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The step's own config sections and the hashes of the steps it reads from."""
+    upstream = {n: results[n]["config_hash"] for n in step.needs}
+    return config_hash({"step": step.name, "config": cfg.hash(*step.sections), "upstream": upstream})
 
 
 def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = None, steps: list[Step] | None = None) -> dict[str, Any]:
@@ -106,7 +104,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = Non
     steps = steps or STEPS
     unknown = force - {s.name for s in steps}
     if unknown:
-        raise ValueError(f"--force {sorted(unknown)}: no such step; steps are {[s.name for s in steps]}")
+        raise InputError(f"--force {sorted(unknown)}: no such step; steps are {[s.name for s in steps]}")
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
@@ -120,30 +118,31 @@ def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = Non
         previous = read_result(out)
         if previous and previous.get("config_hash") == h and step.name not in force:
             results[step.name] = previous
-            _progress(f"[{i}/{len(steps)}] {step.name}: done earlier, skipped")
+            progress(f"[{i}/{len(steps)}] {step.name}: done earlier, skipped")
             summary.append((step.name, "skipped", 0.0, previous))
             continue
-        _progress(f"[{i}/{len(steps)}] {step.name}: running ...")
+        progress(f"[{i}/{len(steps)}] {step.name}: running ...")
         _clear_if_stale(out, h)
         t0 = time.perf_counter()
         result = step.run(cfg, out, results)
         # The step's own job hash covers its inputs; the pipeline's covers the chain, so it wins here.
         result["config_hash"] = h
-        write_json(out / "result.json", result)
+        write_json(StepOutput(out).result, result)
         seconds = time.perf_counter() - t0
         results[step.name] = result
         summary.append((step.name, "ran", seconds, result))
-        _progress(f"[{i}/{len(steps)}] {step.name}: finished in {seconds:.0f} s")
+        progress(json.dumps(result))
+        progress(f"[{i}/{len(steps)}] {step.name}: finished in {seconds:.0f} s")
     total = time.perf_counter() - t_all
     table = _summary_table(summary, total)
-    _progress(table)
+    progress(table)
     metrics = {name: r.get("metrics", {}) for name, _, _, r in summary}
     metrics["steps"] = {name: {"status": status, "seconds": round(sec, 1)} for name, status, sec, _ in summary}
     metrics["seconds"] = round(total, 1)
     report = run_dir / "evaluate" / "report.md"
     metrics["report"] = str(report) if report.exists() else None
     if report.exists():
-        _progress(f"report: {report}")
+        progress(f"report: {report}")
     final = results.get(steps[-1].name, {})
     return finish("pipeline", run_dir, final.get("checkpoint"), metrics, step_hash(cfg, steps[-1], results))
 
@@ -164,12 +163,6 @@ def _clear_if_stale(out: Path, h: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(h + "\n")
 
-
-def _progress(msg: str) -> None:
-    # Progress goes to stderr so stdout stays one JSON line per job.
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
 
 
 HEADLINES = {

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("mavilt")
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Jobs call this once; the library itself only logs."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
+from mavilt.checkpoints import Folder, Part
 
 
 def _jsonable(x: Any) -> Any:
@@ -71,21 +61,30 @@ def finish(
     checkpoint: str | Path | None,
     metrics: dict[str, Any],
     config_hash: str,
-    *,
-    print_line: bool = True,
 ) -> dict[str, Any]:
-    """Write ``metrics.json`` and ``result.json`` under ``output`` and print the result line on stdout."""
+    """Write ``metrics.json`` and ``result.json`` under ``output``; the job entry point prints the result line."""
     result = make_result(job, output, checkpoint, metrics, config_hash)
-    out = Path(output)
-    write_json(out / "metrics.json", result["metrics"])
-    write_json(out / "result.json", result)
-    if print_line:
-        print(json.dumps(result), flush=True)
+    out = StepOutput(output)
+    write_json(out.metrics, result["metrics"])
+    write_json(out.result, result)
     return result
 
 
+class StepOutput(Folder):
+    """A step's output folder (``runs/<name>/<step>/``): Ray Train's ``checkpoint_*`` folders, and beside them
+    what the step writes itself."""
+
+    result = Part("result.json")
+    metrics = Part("metrics.json")
+    config = Part("config.yaml")
+    history = Part("history.jsonl")  # every metrics report of rank 0, one JSON object per line
+    text_tokenizer = Part("tokenizer")  # pretrain_text: the BPE tokenizer, trained before the LM
+    theta0 = Part("theta0")  # stage1: theta_0, fixed once per run folder
+    bundle = Part("bundle")  # stage2: the model bundle made from the best checkpoint
+
+
 def read_result(step_dir: str | Path) -> dict[str, Any] | None:
-    p = Path(step_dir) / "result.json"
+    p = StepOutput(step_dir).result
     if not p.exists():
         return None
     try:
@@ -95,9 +94,13 @@ def read_result(step_dir: str | Path) -> dict[str, Any] | None:
 
 
 def code_version() -> str:
-    """Git commit of the code (with ``+dirty`` when the tree has changes), or the package version."""
-    root = Path(__file__).resolve().parent.parent
+    """Git commit of the checkout (with ``+dirty`` when the tree has changes), or the package version."""
+    from mavilt.paths import CHECKOUT_DIR
+
+    root = CHECKOUT_DIR
     try:
+        if root is None:
+            raise OSError("an installed package: no checkout")
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
         ).stdout.strip()
@@ -112,12 +115,3 @@ def code_version() -> str:
     from mavilt import __version__
 
     return __version__
-
-
-class Stopwatch:
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0

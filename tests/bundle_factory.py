@@ -55,6 +55,7 @@ def tiny_bundle_config(extra: list[str] | None = None):
 def build_tiny_bundle(out: str | Path, *, with_encoder: bool = True, seed: int = 0, extra: list[str] | None = None) -> Path:
     """Write a bundle with random tiny weights to ``out`` (a scratch ``<out>.parts`` folder is used beside it)."""
     from mavilt.bundle import write_bundle
+    from mavilt.checkpoints import StageCheckpoint
     from mavilt.llm.model import build_tiny_lm, extend_vocabulary
     from mavilt.llm.textdata import train_bpe_tokenizer
     from mavilt.llm.vocab import JointVocab
@@ -71,11 +72,11 @@ def build_tiny_bundle(out: str | Path, *, with_encoder: bool = True, seed: int =
     vqgan_dir = vqgan.save_pretrained(parts / "vqgan")
     encoder_dir = CXREncoder(cfg.encoder, image_size=size).save_pretrained(parts / "encoder") if with_encoder else None
 
-    ckpt = parts / "stage2"
-    tok = train_bpe_tokenizer(REPORT_TEXTS, 300, ckpt / "tokenizer")
+    ckpt = StageCheckpoint(parts / "stage2")
+    tok = train_bpe_tokenizer(REPORT_TEXTS, 300, ckpt.tokenizer)
     model = build_tiny_lm(cfg.llm, tok)
     vocab = JointVocab.for_tokenizer(tok, cfg.vqgan.codebook_size, vqgan.num_tokens())
     extend_vocabulary(model, vocab, seed=seed)
-    model.save_pretrained(str(ckpt / "llm"))
-    (ckpt / "vocab.json").write_text(json.dumps(vocab.to_dict()))
+    model.save_pretrained(str(ckpt.llm))
+    ckpt.vocab.write_text(json.dumps(vocab.to_dict()))
     return write_bundle(out, ckpt, vqgan_dir, encoder_dir, cfg)

@@ -13,6 +13,10 @@ IU_REPORTS = REPO / ".cache" / "iu_xray" / "ecgen-radiology"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+from mavilt.console import prepare_environment  # noqa: E402
+
+prepare_environment()  # what the jobs do before Ray is imported (quiet Ray Data, local auth mode)
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

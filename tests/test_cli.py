@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from bundle_factory import build_tiny_bundle
 from fixtures_sources import PHI_NEEDLES, quadrants, write_dicom
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 32  # the tiny bundle's image size
@@ -166,3 +165,31 @@ def test_help_and_manifest_name(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     assert "python -m mavilt synthesize" in capsys.readouterr().out
+
+
+def test_bundles_written_before_the_config_change_load_and_newer_formats_are_refused(world, tmp_path):
+    """A bundle whose config is version 1 (with the keys that version offered and nothing read) still loads and
+    answers; a bundle of a newer format fails with one message naming its version and what to do."""
+    import shutil
+
+    from mavilt import load_bundle
+    from mavilt.errors import BundleError
+
+    old = tmp_path / "old"
+    shutil.copytree(world["bundle"], old)
+    manifest = json.loads((old / "mavilt.json").read_text())
+    cfg = manifest["config"]
+    cfg.pop("config_version")
+    cfg["pretrain_text"]["lambda_reg"] = 0.0
+    cfg["stage2"]["heldout_fraction"] = 0.05
+    cfg["tune"], cfg["serve"] = {"num_samples": 8}, {"max_replicas": 2}
+    (old / "mavilt.json").write_text(json.dumps(manifest))
+    b = load_bundle(old, device="cpu")
+    assert b.config.stage2.report_section == "findings" and len(b.report(np.zeros((1, SIZE, SIZE), np.float32))) == 1
+
+    newer = tmp_path / "newer"
+    shutil.copytree(world["bundle"], newer)
+    (newer / "mavilt.json").write_text(json.dumps({**manifest, "format_version": 7, "code_version": "abc123"}))
+    with pytest.raises(BundleError, match="has format version 7; this code reads version 1: load it with the MAViLT "
+                                          "version that wrote it \\(code version abc123\\) or re-run stage 2"):
+        load_bundle(newer, device="cpu")

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import yaml
 
-from mavilt.config import Config, ConfigError, config_from_dict, list_presets, load_config, parse_overrides, valid_keys
+from mavilt.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    list_presets,
+    load_config,
+    parse_overrides,
+    valid_keys,
+)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "base", "paper", "micro"])
@@ -40,11 +50,61 @@ def test_overrides_are_typed():
     assert cfg.hash("data") == load_config("tiny").hash("data")
 
 
-def test_unknown_key_lists_the_valid_keys():
+def test_unknown_key_lists_the_sections_valid_keys_with_type_and_help():
     with pytest.raises(ConfigError) as e:
         load_config("tiny", ["vqgan.lamda_grad=1"])
     msg = str(e.value)
-    assert "unknown config key 'vqgan.lamda_grad'" in msg and "vqgan.lambda_grad" in msg and "stage2.lambda_reg" in msg
+    assert "unknown config key 'vqgan.lamda_grad'" in msg and "Did you mean 'vqgan.lambda_grad'?" in msg
+    assert "vqgan.lambda_grad (float): weight of the Sobel image-gradient term" in msg
+    assert "vqgan.max_steps (int): training steps" in msg and "stage2." not in msg
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["stage3.lr=1"])
+    assert "unknown config key 'stage3'" in str(e.value) and "stage2 (stage 2: instruction tuning" in str(e.value)
+
+
+def test_a_wrong_type_names_the_keys_type_and_help():
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["stage2.lambda_reg=strong"])
+    assert str(e.value).endswith("stage2.lambda_reg (float): weight of lambda_reg * ||theta - theta_0||^2 (keeps the "
+                                 "LM's language)")
+    assert "vqgan." not in str(e.value)
+
+
+def test_each_stage_offers_only_the_settings_it_uses():
+    keys = set(valid_keys())
+    assert "pretrain_text.heldout_fraction" in keys and "pretrain_text.lambda_reg" not in keys
+    assert "pretrain_text.task_weights" not in keys and "pretrain_text.condition_dropout" not in keys
+    assert "stage1.heldout_fraction" not in keys and "stage2.lambda_reg" in keys and "stage1.condition_dropout" in keys
+    assert not any(k.startswith(("tune.", "serve.")) for k in keys)
+    with pytest.raises(ConfigError, match="stage1.task_weights names \\['vqa'\\], which is not stage1 tasks; stage1's "
+                                          "tasks: image_to_report, report_to_image"):
+        load_config("tiny", ["stage1.task_weights={vqa: 1}"])
+
+
+def test_configs_saved_by_the_previous_version_still_load():
+    """Version 1 accepted keys nothing read; reading one back drops them and keeps everything else."""
+    old = Config().to_dict()
+    old.pop("config_version")
+    old["pretrain_text"].update(lambda_reg=0.5, task_weights={}, report_section="findings", condition_dropout=0.1)
+    old["stage1"]["heldout_fraction"] = 0.05
+    old["stage2"].update(heldout_fraction=0.05, lambda_reg=0.25)
+    old["tune"] = {"num_samples": 8}
+    old["serve"] = {"max_replicas": 2}
+    cfg = config_from_dict(old)
+    assert cfg.stage2.lambda_reg == 0.25 and cfg == Config().with_overrides(["stage2.lambda_reg=0.25"])
+    newer = {**Config().to_dict(), "config_version": 99}
+    with pytest.raises(ConfigError, match="config_version 99; this code reads versions 1 to 2"):
+        config_from_dict(newer)
+
+
+def test_with_overrides_returns_a_checked_copy():
+    cfg = load_config("tiny")
+    other = cfg.with_overrides(["generate.num_beams=3", "eval.limit=10"])
+    assert (other.generate.num_beams, other.eval.limit) == (3, 10)
+    assert cfg.generate.num_beams == 1 and cfg.eval.limit is None
+    assert cfg.with_overrides({"stage2": {"lr": 0.5}}).stage2.lr == 0.5
+    with pytest.raises(ConfigError, match="multiple of vqgan.downsample"):
+        cfg.with_overrides(["data.image_size=60"])
 
 
 @pytest.mark.parametrize(
@@ -89,9 +149,41 @@ def test_parse_overrides_nests_and_parses_yaml():
     assert parse_overrides(["a.b=1", "a.c=[x, y]", "d.e=hello world"]) == {"a": {"b": 1, "c": ["x", "y"]}, "d": {"e": "hello world"}}
 
 
-def test_every_valid_key_is_settable():
-    cfg = Config()
-    for key in valid_keys():
-        section, _, name = key.partition(".")
-        value = getattr(getattr(cfg, section), name) if name else getattr(cfg, section)
-        assert value is not None or name in ("limit", "feature_weights", "fid_weights", "synth_limit", "max_words")
+def _another_value(key: str, current):
+    """A valid value for ``key`` that differs from ``current``."""
+    special = {
+        "data.image_size": 72, "vqgan.downsample": 16, "data.split_fractions": [0.7, 0.2, 0.1],
+        "vqgan.channel_mult": [1, 2, 4, 4], "stage1.task_weights": {"image_to_report": 2.0},
+        "stage2.task_weights": {"vqa": 0.5}, "llm.lora_targets": ["q_proj"],
+    }
+    if key in special:
+        return special[key]
+    hints = typing.get_type_hints(type(Config().section(key.split(".")[0])) if "." in key else Config)
+    tp = hints[key.split(".")[-1]]
+    if typing.get_origin(tp) is typing.Literal:
+        return next(a for a in typing.get_args(tp) if a != current)
+    if current is None:
+        return 5 if int in typing.get_args(tp) else "other"
+    if isinstance(current, str):
+        return "other"
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, int):
+        return current + 1
+    if isinstance(current, float):
+        return current * 2 + 0.5
+    raise AssertionError(f"no test value for {key} = {current!r}")
+
+
+@pytest.mark.parametrize("key", valid_keys())
+def test_every_valid_key_is_settable(key):
+    base = Config()
+    section, _, name = key.partition(".")
+    current = getattr(base.section(section), name) if name else getattr(base, key)
+    value = _another_value(key, current)
+    overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+    if key == "vqgan.downsample":
+        overrides.append("vqgan.channel_mult=[1, 2, 2, 4, 4]")
+    cfg = Config().with_overrides(overrides)
+    got = getattr(cfg.section(section), name) if name else getattr(cfg, key)
+    assert got == value and got != current

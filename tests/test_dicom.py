@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures_sources import (
     PHI_NEEDLES,
     _text,
@@ -23,6 +22,7 @@ from fixtures_sources import (
     write_jpg,
     write_png,
 )
+
 from mavilt.data.dicom import (
     DicomImage,
     normalize_view,

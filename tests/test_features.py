@@ -10,6 +10,7 @@ from torch import nn
 
 from mavilt.config import EncoderConfig
 from mavilt.data.labels import OBSERVATIONS
+from mavilt.errors import CheckpointError
 from mavilt.tokenizer.features import (
     CXREncoder,
     FeatureEncoderError,
@@ -102,8 +103,13 @@ def test_auroc_per_label_hand_made():
 def test_load_inhouse(tmp_path):
     with pytest.raises(FeatureEncoderError, match=r"jobs/encoder\.py.*--encoder-checkpoint"):
         load_feature_encoder("inhouse", None, None)
-    with pytest.raises(FeatureEncoderError, match="not a CXR encoder checkpoint"):
+    with pytest.raises(CheckpointError, match="nothing holds no encoder/encoder.json; pass a checkpoint written by "
+                                              "jobs/encoder.py"):
         load_feature_encoder("inhouse", None, tmp_path / "nothing")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "encoder.json").write_text("{}")
+    with pytest.raises(FeatureEncoderError, match="needs encoder.json and encoder.pt: not a CXR encoder checkpoint"):
+        CXREncoder.from_pretrained(tmp_path / "broken")
     m = tiny()
     m.save_pretrained(tmp_path / "ckpt" / "encoder")  # a training checkpoint: encoder one level down
     phi = load_feature_encoder("inhouse", None, tmp_path / "ckpt")

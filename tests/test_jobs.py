@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,12 @@ def test_prepare_synthetic_writes_three_splits_and_a_result_line(tmp_path):
     rows = sum(pq.read_table(f).num_rows for f in out.glob("*/*.parquet"))
     assert rows == 64
     assert (out / "config.yaml").exists()
-    # Re-running into the same folder replaces, never duplicates.
+    # Re-running into the same folder replaces, never duplicates, and drops image codes cached from the old images.
+    (out / "codes" / "0123456789abcdef" / "train").mkdir(parents=True)
     p2 = run_job("jobs/prepare.py", "--source", "synthetic", "--out", str(out), "--num-samples", "64", "--image-size", "32")
     assert p2.returncode == 0
     assert sum(pq.read_table(f).num_rows for f in out.glob("*/*.parquet")) == 64
+    assert not (out / "codes").exists()
 
 
 @pytest.mark.parametrize(
@@ -44,6 +47,7 @@ def test_prepare_synthetic_writes_three_splits_and_a_result_line(tmp_path):
         (["jobs/prepare.py", "--source", "iu-xray", "--root", "/no/such/dir", "--out", "X"], "does not exist"),
         (["jobs/vqgan.py", "--data", "/no/such/data", "--storage", "X"], "does not exist"),
         (["jobs/stage2.py", "--data", "X", "--tokenizer-checkpoint", "/nope", "--init-checkpoint", "/nope", "--storage", "X"], "holds no vqgan/vqgan.json"),
+        (["jobs/encoder.py", "--data", "X", "--storage", "X", "--set", "encoder.max_steps=many"], "encoder.max_steps (int): training steps"),
         (["jobs/evaluate.py", "--checkpoint", "/nope", "--data", "X", "--out", "X"], "not a model bundle"),
     ],
 )
@@ -59,7 +63,13 @@ def test_user_errors_print_one_line_and_exit_2(args, message, tmp_path):
 def test_checkpoint_paths_are_made_absolute_for_train_workers(tmp_path, monkeypatch):
     """Train workers run in their own working directory: a relative --encoder-checkpoint or --tokenizer-checkpoint
     must reach them as an absolute path."""
-    from mavilt.train.steps import encoder_dir_of, resolve_init, vqgan_dir_of
+    from mavilt.checkpoints import (
+        EncoderCheckpoint,
+        StageCheckpoint,
+        TextLMCheckpoint,
+        VQGANCheckpoint,
+    )
+    from mavilt.errors import CheckpointError
 
     ckpt = tmp_path / "runs" / "demo" / "checkpoint_1"
     for sub, marker in (("encoder", "encoder.json"), ("vqgan", "vqgan.json"), ("llm", "config.json")):
@@ -67,9 +77,34 @@ def test_checkpoint_paths_are_made_absolute_for_train_workers(tmp_path, monkeypa
         (ckpt / sub / marker).write_text("{}")
     monkeypatch.chdir(tmp_path)
     rel = Path("runs/demo/checkpoint_1")
-    assert encoder_dir_of(rel) == ckpt / "encoder" and encoder_dir_of(rel).is_absolute()
-    assert vqgan_dir_of(rel) == ckpt / "vqgan" and vqgan_dir_of(rel / "vqgan").is_absolute()
-    model_dir, tok_dir = resolve_init(rel)
+    assert EncoderCheckpoint.find_model(rel) == ckpt / "encoder" and EncoderCheckpoint.find_model(rel).is_absolute()
+    assert VQGANCheckpoint.find_model(rel) == ckpt / "vqgan" and VQGANCheckpoint.find_model(rel / "vqgan").is_absolute()
+    model_dir, tok_dir = TextLMCheckpoint.find_lm(rel)
     assert model_dir == ckpt / "llm" and tok_dir.is_absolute()
-    with pytest.raises(FileNotFoundError, match="holds no encoder/encoder.json"):
-        encoder_dir_of(Path("runs/demo"))
+    with pytest.raises(CheckpointError, match="holds no encoder/encoder.json"):
+        EncoderCheckpoint.find_model(Path("runs/demo"))
+    # A text-pretraining checkpoint is not a stage checkpoint: the message names every missing part.
+    with pytest.raises(CheckpointError, match=r"missing vocab.json, tokenizer/, theta0/\); pass a checkpoint written by "
+                                              "jobs/stage1.py"):
+        StageCheckpoint.find(rel)
+
+
+def test_a_training_job_prints_exactly_its_result_line_on_stdout(tmp_path):
+    """Progress and logs go to stderr; stdout is the JSON result line alone (here: a 4-step encoder), and
+    stderr carries no Ray internals."""
+    data = tmp_path / "data"
+    p = run_job("jobs/prepare.py", "--source", "synthetic", "--out", str(data), "--num-samples", "48", "--image-size", "32")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_job("jobs/encoder.py", "--data", str(data), "--storage", str(tmp_path / "runs"), "--set", "data.image_size=32",
+                "--set", "encoder.width=4", "--set", "encoder.depth=2", "--set", "encoder.batch_size=8",
+                "--set", "encoder.max_steps=4", "--set", "encoder.eval_every=2", "--set", "encoder.log_every=1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1, p.stdout[-3000:]
+    result = json.loads(lines[0])
+    assert result["job"] == "encoder" and Path(result["checkpoint"], "encoder", "encoder.json").exists()
+    assert [f"[encoder] step {i}/4" in p.stderr for i in range(1, 5)] == [True] * 4
+    # No Ray internals, deprecation noise or progress-bar notices in what a person watches.
+    noise = [line for line in p.stderr.splitlines()
+             if re.search(r"core_worker\.cc|DeprecationWarning|FutureWarning|Progress bars disabled|logging_progress", line)]
+    assert not noise, noise

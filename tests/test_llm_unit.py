@@ -7,22 +7,32 @@ import numpy as np
 import pytest
 import torch
 
+from mavilt.checkpoints import Theta0Files
 from mavilt.config import load_config
-from mavilt.llm.generate import answer_probabilities, generate_image_codes, generate_text, sample_logits
-from mavilt.llm.model import apply_finetune_mode, build_tiny_lm, extend_vocabulary, load_theta0_model, save_theta0
+from mavilt.errors import ConfigError
+from mavilt.llm.generate import (
+    answer_probabilities,
+    generate_image_codes,
+    generate_text,
+    sample_logits,
+)
+from mavilt.llm.model import (
+    apply_finetune_mode,
+    build_tiny_lm,
+    extend_vocabulary,
+    load_theta0_model,
+    save_theta0,
+)
 from mavilt.llm.regularization import Regularizer, theta0_state
-from mavilt.llm.sequences import (
-    IGNORE,
-    TextCodec,
-    bucket_batches,
-    collate,
+from mavilt.llm.sequences import IGNORE, TextCodec, bucket_batches, collate
+from mavilt.llm.tasks import (
+    REPORT,
+    SYNTHESIZE,
+    TEXT,
+    VQA,
+    ExampleSettings,
     epoch_examples,
-    padding_fraction,
-    report_prompt,
-    synthesis_prompt,
-    task_example,
-    text_examples,
-    vqa_prompt,
+    get_task,
 )
 from mavilt.llm.textdata import train_bpe_tokenizer
 from mavilt.llm.vocab import JointVocab, VocabError
@@ -46,8 +56,23 @@ def small(tmp_path_factory):
     tok.save_pretrained(d / "base")
     vocab = JointVocab.for_tokenizer(tok, codebook_size=32, tokens_per_image=16)
     extend_vocabulary(model, vocab, seed=0)
-    save_theta0(d / "theta0", d / "base", model, vocab)
+    save_theta0(Theta0Files(d / "theta0"), d / "base", model, vocab)
     return {"dir": d, "tok": tok, "cfg": cfg, "model": model, "vocab": vocab, "codec": TextCodec(tok)}
+
+
+def settings(small, **kw) -> ExampleSettings:
+    return ExampleSettings(small["vocab"], small["codec"], **{"section": "findings", "max_length": 200, **kw})
+
+
+def task_example(small, task: str, r, seed: int = 0, **kw):
+    return get_task(task).example(r, settings(small, **kw), np.random.default_rng(seed))
+
+
+def padding_fraction(batches: list[list[int]], lengths) -> float:
+    """Share of padded positions."""
+    total = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1 - real / total if total else 0.0
 
 
 def row(codes=None, findings="Moderate cardiomegaly. Small left pleural effusion.", vqa=True):
@@ -96,7 +121,7 @@ def test_extended_model_has_new_rows_near_the_mean(small):
 
 
 def test_theta0_reference_round_trip(small):
-    m2, v2 = load_theta0_model(small["dir"] / "theta0", small["cfg"].llm)
+    m2, v2 = load_theta0_model(Theta0Files(small["dir"] / "theta0"), small["cfg"].llm)
     assert v2 == small["vocab"]
     for (n, a), (_, b) in zip(small["model"].state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), n
@@ -108,7 +133,7 @@ def test_theta0_reference_round_trip(small):
 @pytest.mark.parametrize("task", ["image_to_report", "report", "report_to_image", "synthesize", "vqa"])
 def test_loss_mask_covers_exactly_the_response(small, task):
     v, codec = small["vocab"], small["codec"]
-    ex = task_example(task, row(), v, codec, section="findings", max_length=200, rng=np.random.default_rng(0))
+    ex = task_example(small, task, row())
     ids = np.array(ex.input_ids)
     mask = np.array(ex.loss_mask)
     first = int(np.argmax(mask))
@@ -131,24 +156,23 @@ def test_loss_mask_covers_exactly_the_response(small, task):
 def test_prompts_share_formats_with_training(small):
     v, codec = small["vocab"], small["codec"]
     c = row()["codes"]
-    ex = task_example("report", row(), v, codec, section="findings", max_length=200, rng=np.random.default_rng(3))
+    ex = task_example(small, "report", row(), seed=3)
     prompt = [t for t, m in zip(ex.input_ids, ex.loss_mask) if not m]
-    assert prompt in [report_prompt(v, codec, c, section="findings", paraphrase=i) for i in range(4)]
-    sp = synthesis_prompt(v, codec, "Small effusion.")
+    assert prompt in [REPORT.prompt(v, codec, c, section="findings", paraphrase=i) for i in range(4)]
+    sp = SYNTHESIZE.prompt(v, codec, "Small effusion.")
     assert sp[-1] == v.boi_id and sp[0] == v.bos_id
-    unc = synthesis_prompt(v, codec, None)
-    dropped = task_example("synthesize", row(), v, codec, section="findings", max_length=200,
-                           rng=np.random.default_rng(0), condition_dropout=1.0)
+    unc = SYNTHESIZE.prompt(v, codec, None)
+    dropped = task_example(small, "synthesize", row(), condition_dropout=1.0)
     assert [t for t, m in zip(dropped.input_ids, dropped.loss_mask) if not m] == unc
-    vp = vqa_prompt(v, codec, c, "Is there a pleural effusion?")
+    vp = VQA.prompt(v, codec, c, "Is there a pleural effusion?")
     assert vp[1] == v.boi_id and vp[2 + v.tokens_per_image] == v.eoi_id
 
 
 def test_long_reports_are_cut_to_fit_but_images_never(small):
-    v, codec = small["vocab"], small["codec"]
+    v = small["vocab"]
     long = " ".join(["The lungs are clear."] * 80)
     for task in ("report", "synthesize"):
-        ex = task_example(task, row(findings=long), v, codec, section="findings", max_length=60, rng=np.random.default_rng(0))
+        ex = task_example(small, task, row(findings=long), max_length=60)
         assert len(ex) <= 60
         if task == "synthesize":
             resp = np.array(ex.input_ids)[np.array(ex.loss_mask)]
@@ -156,20 +180,19 @@ def test_long_reports_are_cut_to_fit_but_images_never(small):
 
 
 def test_rows_without_reports_or_vqa_give_no_example(small):
-    v, codec = small["vocab"], small["codec"]
-    assert task_example("vqa", row(vqa=False), v, codec, section="findings", max_length=200, rng=np.random.default_rng(0)) is None
-    assert task_example("report", row(findings=""), v, codec, section="findings", max_length=200, rng=np.random.default_rng(0)) is None
-    with pytest.raises(ValueError, match="unknown task"):
-        task_example("caption", row(), v, codec, section="findings", max_length=200, rng=np.random.default_rng(0))
+    assert task_example(small, "vqa", row(vqa=False)) is None
+    assert task_example(small, "report", row(findings="")) is None
+    with pytest.raises(ConfigError, match="unknown task 'caption'"):
+        task_example(small, "caption", row())
 
 
 def test_epoch_examples_follow_task_weights_and_are_deterministic(small):
-    v, codec = small["vocab"], small["codec"]
     rows = [row(codes=np.full(16, i % 32)) for i in range(20)]
-    kw = dict(section="findings", max_length=200, seed=1, condition_dropout=0.1)
-    a = epoch_examples(rows, {"report": 1.0, "synthesize": 2.0, "vqa": 0.5}, v, codec, epoch=0, **kw)
-    b = epoch_examples(rows, {"report": 1.0, "synthesize": 2.0, "vqa": 0.5}, v, codec, epoch=0, **kw)
-    c = epoch_examples(rows, {"report": 1.0, "synthesize": 2.0, "vqa": 0.5}, v, codec, epoch=1, **kw)
+    s = settings(small, condition_dropout=0.1)
+    weights = {"report": 1.0, "synthesize": 2.0, "vqa": 0.5}
+    a = epoch_examples(rows, weights, s, seed=1, epoch=0)
+    b = epoch_examples(rows, weights, s, seed=1, epoch=0)
+    c = epoch_examples(rows, weights, s, seed=1, epoch=1)
     counts = {t: sum(e.task == t for e in a) for t in ("report", "synthesize", "vqa")}
     assert counts == {"report": 20, "synthesize": 40, "vqa": 10}
     assert [e.input_ids for e in a] == [e.input_ids for e in b]
@@ -177,9 +200,9 @@ def test_epoch_examples_follow_task_weights_and_are_deterministic(small):
 
 
 def test_text_examples_window_long_documents(small):
-    v, codec = small["vocab"], small["codec"]
+    v = small["vocab"]
     doc = " ".join(TEXTS[:8])
-    exs = text_examples(v, codec, doc, max_length=16)
+    exs = TEXT.windows(doc, settings(small, max_length=16))
     assert all(len(e) <= 16 for e in exs) and len(exs) > 2
     assert all(e.input_ids[0] == v.bos_id and not e.loss_mask[0] and all(e.loss_mask[1:]) for e in exs)
     assert exs[-1].input_ids[-1] == v.eos_id
@@ -201,10 +224,10 @@ def test_bucketing_keeps_padding_small():
 
 def test_regularizer_is_zero_at_theta0_and_its_gradient_is_2_lambda_delta(small):
     torch.manual_seed(0)
-    m, _ = load_theta0_model(small["dir"] / "theta0", small["cfg"].llm)
+    m, _ = load_theta0_model(Theta0Files(small["dir"] / "theta0"), small["cfg"].llm)
     theta0 = theta0_state(m)
     reg = Regularizer(m, theta0, lam=0.3)
-    assert float(reg.penalty()) == 0.0 and reg.drift() == 0.0
+    assert float(reg.penalty()) == 0.0 and reg.metrics() == {"reg_term": 0.0, "drift": 0.0}
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -217,13 +240,14 @@ def test_regularizer_is_zero_at_theta0_and_its_gradient_is_2_lambda_delta(small)
         expected_value += float(delta.pow(2).sum())
         assert torch.allclose(p.grad, 2 * 0.3 * delta, atol=1e-6), n
     assert float(pen) == pytest.approx(0.3 * expected_value, rel=1e-5)
-    assert reg.drift() == pytest.approx(expected_value**0.5, rel=1e-5)
+    assert reg.metrics()["drift"] == pytest.approx(expected_value**0.5, rel=1e-5)
+    assert reg.metrics()["reg_term"] == pytest.approx(0.3 * expected_value, rel=1e-5)
 
 
 def test_lora_penalty_is_the_merged_delta_norm(small):
     cfg = load_config("tiny", ["llm.finetune=lora", "llm.lora_r=4", "llm.hidden_size=64", "llm.num_layers=2",
                                "llm.num_heads=2", "llm.intermediate_size=128"])
-    base, vocab = load_theta0_model(small["dir"] / "theta0", cfg.llm)
+    base, vocab = load_theta0_model(Theta0Files(small["dir"] / "theta0"), cfg.llm)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     model = apply_finetune_mode(base, cfg.llm, vocab)
     reg = Regularizer(model, {}, lam=1.0)
@@ -241,7 +265,7 @@ def test_lora_penalty_is_the_merged_delta_norm(small):
 def test_trainable_new_rows_in_lora_mode(small):
     cfg = load_config("tiny", ["llm.finetune=lora", "llm.lora_r=4", "llm.hidden_size=64", "llm.num_layers=2",
                                "llm.num_heads=2", "llm.intermediate_size=128"])
-    base, vocab = load_theta0_model(small["dir"] / "theta0", cfg.llm)
+    base, vocab = load_theta0_model(Theta0Files(small["dir"] / "theta0"), cfg.llm)
     model = apply_finetune_mode(base, cfg.llm, vocab)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
@@ -253,8 +277,8 @@ def test_trainable_new_rows_in_lora_mode(small):
 
 def test_generated_image_spans_are_always_n_valid_codes(small):
     m, v, codec = small["model"], small["vocab"], small["codec"]
-    prompts = [synthesis_prompt(v, codec, t) for t in TEXTS[:3]] + [synthesis_prompt(v, codec, None)]
-    unc = [synthesis_prompt(v, codec, None)] * 4
+    prompts = [SYNTHESIZE.prompt(v, codec, t) for t in TEXTS[:3]] + [SYNTHESIZE.prompt(v, codec, None)]
+    unc = [SYNTHESIZE.prompt(v, codec, None)] * 4
     for kwargs in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 5}, {"temperature": 1.0, "top_p": 0.5},
                    {"temperature": 1.0, "cfg_scale": 3.0, "uncond_prompts": unc}):
         codes = generate_image_codes(m, v, prompts, seed=1, **kwargs)
@@ -269,7 +293,7 @@ def test_generated_image_spans_are_always_n_valid_codes(small):
 
 def test_image_generation_is_the_same_batched_and_alone(small):
     m, v, codec = small["model"], small["vocab"], small["codec"]
-    prompts = [synthesis_prompt(v, codec, t) for t in (TEXTS[0], TEXTS[1] + " " + TEXTS[2])]
+    prompts = [SYNTHESIZE.prompt(v, codec, t) for t in (TEXTS[0], TEXTS[1] + " " + TEXTS[2])]
     together = generate_image_codes(m, v, prompts, temperature=0.0)
     for i, p in enumerate(prompts):
         assert torch.equal(generate_image_codes(m, v, [p], temperature=0.0)[0], together[i])
@@ -281,7 +305,7 @@ def test_reports_contain_text_ids_only(small):
     with torch.no_grad():
         m.get_output_embeddings().weight[v.text_vocab_size:] *= 50
     try:
-        prompts = [report_prompt(v, codec, np.arange(16) % 32)] * 2
+        prompts = [REPORT.prompt(v, codec, np.arange(16) % 32)] * 2
         for beams in (1, 3):
             out = generate_text(m, v, prompts, max_new_tokens=12, num_beams=beams)
             assert all(t < v.text_vocab_size for seq in out for t in seq)
@@ -292,7 +316,7 @@ def test_reports_contain_text_ids_only(small):
 
 def test_closed_vqa_probabilities_sum_to_one(small):
     m, v, codec = small["model"], small["vocab"], small["codec"]
-    prompts = [vqa_prompt(v, codec, np.arange(16) % 32, "Which side?")] * 2
+    prompts = [VQA.prompt(v, codec, np.arange(16) % 32, "Which side?")] * 2
     probs = answer_probabilities(m, v, codec, prompts, [["left", "right", "bilateral"], ["yes", "no"]])
     assert [len(p) for p in probs] == [3, 2]
     assert all(abs(p.sum() - 1) < 1e-9 and (p > 0).all() for p in probs)

@@ -12,7 +12,13 @@ import threading
 import pytest
 
 from mavilt.eval import nlg
-from mavilt.eval.nlg import EMPTY_PLACEHOLDER, METRICS, MeteorUnavailableError, normalize_report, score
+from mavilt.eval.nlg import (
+    EMPTY_PLACEHOLDER,
+    METRICS,
+    MeteorUnavailableError,
+    normalize_report,
+    score,
+)
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from mavilt.data.reports import ReportSections, normalize_for_metrics, normalize_whitespace, split_sections
+from mavilt.data.reports import (
+    ReportSections,
+    normalize_for_metrics,
+    normalize_whitespace,
+    split_sections,
+)
 
 # (report text, expected findings, expected impression)
 REPORTS: list[tuple[str, str | None, str | None]] = [

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures_sources import (
     PHI_NEEDLES,
     build_csv_tree,
@@ -18,6 +17,7 @@ from fixtures_sources import (
     quadrant_values,
     write_png,
 )
+
 from mavilt.data.images import decode_png
 from mavilt.data.labels import OBSERVATIONS
 from mavilt.data.prepare import PrepareParams, prepare_dataset
@@ -46,8 +46,9 @@ def output_files(out: Path) -> list[str]:
 
 def assert_no_phi(out: Path, log_text: str = "") -> None:
     """No PHI string in any output byte (raw files, decoded Parquet values, PNG metadata) or log line."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     haystacks: list[bytes] = [p.read_bytes().lower() for p in out.rglob("*") if p.is_file()]
     for split in SPLITS:

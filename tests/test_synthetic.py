@@ -17,6 +17,8 @@ from mavilt.data.images import decode_png
 from mavilt.data.labels import OBSERVATIONS
 from mavilt.data.prepare import PrepareParams
 from mavilt.data.shards import SCHEMA, rows_to_table
+from mavilt.data.synthetic.anatomy import heart_geometry
+from mavilt.data.synthetic.canvas import RenderContext
 
 # Keywords that name each finding in a sentence; negation and hedge cues as a simple labeler would see them.
 KEYWORDS = {
@@ -141,8 +143,8 @@ def test_each_finding_is_visible_at_64px(name):
 
 def test_cardiomegaly_is_a_wider_heart_and_removing_it_restores_the_normal_ctr():
     case = _cases_with("cardiomegaly", "present", limit=1)[0]
-    enlarged = S._heart_geometry(case)
-    normal = S._heart_geometry(case.without("cardiomegaly"))
+    enlarged = heart_geometry(case)
+    normal = heart_geometry(case.without("cardiomegaly"))
     width = lambda g: g[2] + g[3]  # noqa: E731
     ctr_norm = width(normal) / case.anatomy.thorax_width
     ctr_enl = width(enlarged) / case.anatomy.thorax_width
@@ -170,7 +172,7 @@ def test_anatomy_layout_white_is_dense():
     assert not case.findings
     img = S.render(case, 128)
     an = case.anatomy
-    to_px = lambda x, y: tuple(int(v) for v in S._Ctx(case, 128).to_pixels(x, y))  # noqa: E731
+    to_px = lambda x, y: tuple(int(v) for v in RenderContext(case, 128).to_pixels(x, y))  # noqa: E731
     half = an.thorax_width / 2
     c, r = to_px(an.midline - 0.55 * half, (an.apex_y + an.dome_right_y) / 2)
     lung = img[r - 2 : r + 3, c - 2 : c + 3].mean()

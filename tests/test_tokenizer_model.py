@@ -13,7 +13,13 @@ import torch
 
 from mavilt.config import ConfigError, VQGANConfig
 from mavilt.tokenizer.kmeans import PatchKMeansTokenizer
-from mavilt.tokenizer.model import CodeUsage, Discriminator, Quantizer, VQGAN, quantizer_stats
+from mavilt.tokenizer.model import (
+    VQGAN,
+    CodeUsage,
+    Discriminator,
+    Quantizer,
+    quantizer_stats,
+)
 
 
 def small_cfg(**kw) -> VQGANConfig:

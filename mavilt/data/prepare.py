@@ -35,6 +35,8 @@ import pyarrow.parquet as pq
 from mavilt.config import Config
 from mavilt.data.images import SkipRecord
 from mavilt.data.shards import SCHEMA_VERSION, SPLITS, rows_to_table
+from mavilt.errors import InputError
+from mavilt.hashing import config_hash
 from mavilt.runs import write_json
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ class ScanResult:
 
 def source_module(name: str):
     if name not in SOURCES:
-        raise ValueError(f"unknown source '{name}'; use one of {sorted(SOURCES)}")
+        raise InputError(f"unknown source '{name}'; use one of {sorted(SOURCES)}")
     return importlib.import_module(SOURCES[name])
 
 
@@ -184,8 +186,10 @@ def prepare_dataset(
             for s in stats:
                 counts.update(json.loads(s["counts"]))
                 skipped.update(json.loads(s["skipped"]))
-        # Swap into place: manifest first removed (the dataset is "being rewritten"), written again last.
+        # Swap into place: manifest first removed (the dataset is "being rewritten"), written again last. Image
+        # codes cached from the old images would be stale.
         (out / "manifest.json").unlink(missing_ok=True)
+        shutil.rmtree(out / "codes", ignore_errors=True)
         for split in SPLITS:
             target = out / split
             if target.exists():
@@ -287,9 +291,9 @@ def run_prepare(
     from mavilt.runs import finish
 
     if source != "synthetic" and root is None:
-        raise ValueError(f"--source {source} needs --root pointing at the dataset's top folder")
+        raise InputError(f"--source {source} needs --root pointing at the dataset's top folder")
     if root is not None and not Path(root).exists():
-        raise FileNotFoundError(f"--root {root} does not exist; point it at the {source} dataset's top folder")
+        raise InputError(f"--root {root} does not exist; point it at the {source} dataset's top folder")
     out = Path(out)
     manifest = prepare_dataset(source, out, cfg, root=root, num_samples=num_samples)
     cfg.save(out / "config.yaml")
@@ -305,8 +309,4 @@ def run_prepare(
 
 
 def prepare_hash(cfg: Config, source: str, root: str | Path | None, num_samples: int | None) -> str:
-    import hashlib
-    import json
-
-    key = {"data": cfg.to_dict()["data"], "source": source, "root": str(root), "num_samples": num_samples}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return config_hash({"data": cfg.to_dict()["data"], "source": source, "root": str(root), "num_samples": num_samples})

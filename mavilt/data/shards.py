@@ -4,7 +4,7 @@ Layout of a prepared dataset::
 
     DIR/manifest.json
     DIR/train/*.parquet   DIR/validate/*.parquet   DIR/test/*.parquet
-    DIR/codes/<vqgan hash>/*.parquet     (written later by the LLM stages: image_id, codes)
+    DIR/codes/<vqgan hash>/<split>/*.parquet   (the code cache, written by the LLM stages: mavilt.train.codes)
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from mavilt.data.images import decode_png
 from mavilt.data.labels import OBSERVATIONS
+from mavilt.errors import DatasetError
 
 SCHEMA_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "validate", "test")
@@ -47,10 +48,6 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
-
-
-class DatasetError(ValueError):
-    """A prepared dataset directory is missing or malformed."""
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:

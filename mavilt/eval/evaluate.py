@@ -14,7 +14,6 @@ dropped, as R2Gen does); VQA and images per image. Baselines:
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from collections import Counter
@@ -25,19 +24,17 @@ import numpy as np
 import torch
 
 from mavilt.config import Config
-from mavilt.data.labels import FIVE_OBSERVATIONS, OBSERVATIONS, apply_conventions
+from mavilt.console import progress
+from mavilt.data.labels import OBSERVATIONS, apply_conventions
 from mavilt.data.shards import images_array, one_image_per_study, read_rows, report_text
+from mavilt.errors import DatasetError
 from mavilt.eval.predict import derangement, predict
+from mavilt.hashing import config_hash
 
 log = logging.getLogger(__name__)
 
 CE_KEYS = ("f1_micro_14", "f1_macro_14", "f1_micro_5", "f1_macro_5")
 
-
-def _progress(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---- report metrics ------------------------------------------------------------------------------------
@@ -65,7 +62,8 @@ def _mean(x) -> float:
 
 def report_metrics(refs: list[str], hyps: list[str], ref_labels: list[dict], cfg: Config) -> dict[str, Any]:
     """NLG metrics, clinical efficacy (with the uncertain policy), and bootstrap CIs of the headline ones."""
-    from mavilt.eval.chexpert import binarize_labels, clinical_efficacy, f1_from_matrices, label_reports
+    from mavilt.data.labeler import label_reports
+    from mavilt.eval.clinical import binarize_labels, clinical_efficacy, f1_from_matrices
     from mavilt.eval.nlg import EMPTY_PLACEHOLDER, normalize_report, score
     from mavilt.eval.stats import bootstrap_ci
 
@@ -93,7 +91,7 @@ def report_metrics(refs: list[str], hyps: list[str], ref_labels: list[dict], cfg
 
 
 def paired_f1_diffs(y_true: np.ndarray, a_pred: np.ndarray, b_pred: np.ndarray, cfg: Config) -> dict[str, list[float]]:
-    from mavilt.eval.chexpert import f1_from_matrices
+    from mavilt.eval.clinical import f1_from_matrices
     from mavilt.eval.stats import paired_bootstrap_diff
 
     out = {}
@@ -110,7 +108,6 @@ def paired_f1_diffs(y_true: np.ndarray, a_pred: np.ndarray, b_pred: np.ndarray, 
 def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg_overrides: list[str] | None = None,
                  split: str | None = None, limit: int | None = None) -> dict[str, Any]:
     from mavilt import load_bundle
-    from mavilt.config import config_from_dict, parse_overrides
     from mavilt.runs import finish
 
     t0 = time.perf_counter()
@@ -119,20 +116,14 @@ def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg
     bundle = load_bundle(bundle_path)
     cfg = bundle.config
     if cfg_overrides:
-        merged = cfg.to_dict()
-        for sect, vals in parse_overrides(cfg_overrides).items():
-            merged.setdefault(sect, {}).update(vals) if isinstance(vals, dict) else merged.__setitem__(sect, vals)
-        cfg = config_from_dict(merged)
-        bundle.config = cfg
+        cfg = bundle.config = cfg.with_overrides(cfg_overrides)
     split = split or cfg.eval.split
     limit = limit if limit is not None else cfg.eval.limit
     cfg.save(out / "config.yaml")
     ev = Evaluation(bundle, Path(bundle_path), Path(data), out, cfg, split, limit)
     metrics = ev.run()
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    import hashlib
-
-    h = hashlib.sha256(json.dumps([str(bundle_path), str(data), split, limit, cfg.to_dict()["eval"]], sort_keys=True).encode()).hexdigest()[:16]
+    h = config_hash([str(bundle_path), str(data), split, limit, cfg.to_dict()["eval"]])
     return finish("evaluate", out, None, metrics, h)
 
 
@@ -162,7 +153,7 @@ class Evaluation:
         lab = row.get("labels") or {}
         if any(lab.get(o) is not None for o in OBSERVATIONS):
             return apply_conventions(lab)
-        from mavilt.eval.chexpert import label_report
+        from mavilt.data.labeler import label_report
 
         return label_report(report_text(row, "both"))
 
@@ -170,8 +161,8 @@ class Evaluation:
     def run(self) -> dict[str, Any]:
         rows = read_rows(self.data, self.split, limit=self.limit)
         if not rows:
-            raise ValueError(f"split '{self.split}' of {self.data} is empty")
-        _progress(f"evaluate: {len(rows)} images from {self.data} ({self.split})")
+            raise DatasetError(f"split '{self.split}' of {self.data} is empty; evaluate another split (--split)")
+        progress(f"evaluate: {len(rows)} images from {self.data} ({self.split})")
         images = self._images(rows)
         codes = self._encode(images)
         index = {r["image_id"]: i for i, r in enumerate(rows)}
@@ -204,7 +195,7 @@ class Evaluation:
         refs = [report_text(r, self.section) for r in studies]
         ref_labels = [self._labels(r) for r in studies]
         study_codes = codes[[index[r["image_id"]] for r in studies]]
-        _progress(f"evaluate: generating {len(studies)} reports (model and blind)")
+        progress(f"evaluate: generating {len(studies)} reports (model and blind)")
         model = self._predict("report", [{"codes": c} for c in study_codes.numpy()])
         perm = derangement(len(studies), self.ec.seed)
         blind = self._predict("report", [{"codes": c} for c in study_codes[perm].numpy()])
@@ -214,7 +205,7 @@ class Evaluation:
         most_frequent = Counter(train_reports).most_common(1)[0][0] if train_reports else ""
         retrieval = self.retrieve(train, studies, index, codes)
         systems = {"model": model, "blind": blind, "most_frequent": [most_frequent] * len(studies), "retrieval": retrieval}
-        _progress("evaluate: scoring reports")
+        progress("evaluate: scoring reports")
         res: dict[str, Any] = {"n_studies": len(studies), "systems": {}}
         preds = {}
         for name, hyps in systems.items():
@@ -258,7 +249,7 @@ class Evaluation:
                 items.append({**q, "row": i})
         if not items:
             return {"n": 0, "note": "this split has no VQA items"}
-        _progress(f"evaluate: answering {len(items)} questions")
+        progress(f"evaluate: answering {len(items)} questions")
         preds = self._predict("vqa", [{"codes": codes[it["row"]].numpy(), "question": it["question"],
                                        "choices": it.get("choices")} for it in items])
         model_items = [{**it, "predicted": p["answer"], "probabilities": p.get("probabilities")} for it, p in zip(items, preds)]
@@ -287,7 +278,7 @@ class Evaluation:
         if len(studies) < 4:
             return {"note": "too few studies to synthesise images"}
         texts = [report_text(r, self.section) or report_text(r, "both") for r in studies]
-        _progress(f"evaluate: synthesising {len(studies)} images")
+        progress(f"evaluate: synthesising {len(studies)} images")
         synth_codes = torch.as_tensor(np.asarray(self._predict("synthesize", [{"text": t} for t in texts]), dtype=np.int64))
         synth = self._decode(synth_codes)
         gen = torch.Generator().manual_seed(self.ec.seed)

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -137,9 +137,3 @@ def derangement(n: int, seed: int) -> np.ndarray:
         p = rng.permutation(n)
         if not (p == np.arange(n)).any():
             return p
-
-
-def as_codes_tensor(outputs: Sequence[Any]):
-    import torch
-
-    return torch.as_tensor(np.asarray(outputs, dtype=np.int64))

@@ -39,13 +39,13 @@ def reconstruction_metrics(
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     from mavilt.tokenizer.loss import image_gradient
+    from mavilt.tokenizer.model import CodeUsage
 
     was_training = getattr(tokenizer, "training", False)
     if hasattr(tokenizer, "eval"):
         tokenizer.eval()
     sums = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0, "edge_error": 0.0, "grad_mse": 0.0, "feat_dist": 0.0}
-    counts = None
-    k = num_codes or getattr(tokenizer, "codebook_size", None)
+    usage = CodeUsage(num_codes or tokenizer.codebook_size)
     n = 0
     first = None
     for start in range(0, images.shape[0], batch_size):
@@ -61,10 +61,7 @@ def reconstruction_metrics(
         sums["grad_mse"] += float((image_gradient(xr) - image_gradient(x)).pow(2).mean(dim=(1, 2, 3)).sum())
         if phi is not None:
             sums["feat_dist"] += float((phi.features(xr) - phi.features(x)).pow(2).mean(dim=1).sum())
-        c = codes.flatten().cpu()
-        if k is None:
-            k = int(c.max()) + 1
-        counts = torch.bincount(c, minlength=k) if counts is None else counts + torch.bincount(c, minlength=k)
+        usage.update(codes)
         if first is None:
             first = (x[:examples].cpu(), xr[:examples].cpu())
         n += b
@@ -73,10 +70,7 @@ def reconstruction_metrics(
     metrics = {key: v / max(n, 1) for key, v in sums.items()}
     if phi is None:
         metrics.pop("feat_dist")
-    p = counts.double() / counts.sum()
-    nz = p[p > 0]
-    metrics["usage"] = float((counts > 0).double().mean())
-    metrics["perplexity"] = float(torch.exp(-(nz * nz.log()).sum()))
+    metrics.update(usage.compute())
     return metrics, first
 
 

@@ -52,7 +52,7 @@ def report_section(m: dict[str, Any], lines: list[str]) -> None:
     lines += [
         f"{r['n_studies']} studies (one image per study: PA, then AP), section **{m['report_section']}**, "
         f"uncertain labels counted as **{m['uncertain_policy']}**. Clinical efficacy: the rule-based CheXpert "
-        "labeler (`mavilt.eval.chexpert`) on the generated report against the study's labels. "
+        "labeler (`mavilt.data.labeler`) on the generated report against the study's labels. "
         "Brackets: bootstrap 95% CI over studies.",
         "",
         "| system | F1 micro-14 | F1 macro-14 | F1 micro-5 | F1 macro-5 | BLEU-4 | METEOR | ROUGE-L | CIDEr |",

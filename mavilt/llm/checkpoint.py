@@ -1,15 +1,5 @@
-"""What an LLM stage checkpoint holds and how each stage builds its starting model.
-
-A stage checkpoint directory::
-
-    llm/          full Hugging Face weights (DeepSpeed ZeRO-3 shards consolidated on rank 0)   -- or --
-    adapter/      the LoRA adapter (base = theta_0)
-    tokenizer/    the text tokenizer
-    vocab.json    the joint vocabulary (V, K, N, <boi>, <eoi>, pad)
-    theta0/       theta_0: a reference to the immutable base LM + the new rows' initial values
-    deepspeed/    DeepSpeed's own sharded state (when strategy=deepspeed), for exact resume
-    train_state.pt, config.yaml, code_version.txt
-"""
+"""How each LLM stage builds its starting model, and reading and writing a stage checkpoint's model parts
+(layout: :class:`mavilt.checkpoints.StageCheckpoint`)."""
 
 from __future__ import annotations
 
@@ -21,24 +11,26 @@ from typing import Any
 
 import torch
 
-from mavilt.config import Config
+from mavilt.checkpoints import StageCheckpoint, Theta0Files
+from mavilt.config import LLMConfig
+from mavilt.errors import CheckpointError
 from mavilt.llm.model import (
     apply_finetune_mode,
     build_tiny_lm,
     copy_theta0,
     load_theta0_model,
+    torch_dtype,
     trainable_parameters,
 )
 from mavilt.llm.regularization import canonical_name, theta0_state
+from mavilt.llm.stages import Stage
 from mavilt.llm.vocab import JointVocab
 
 log = logging.getLogger(__name__)
 
-VOCAB_FILE = "vocab.json"
-
 
 @dataclass
-class Built:
+class StartingModel:
     model: torch.nn.Module
     tokenizer: Any
     vocab: JointVocab
@@ -54,38 +46,48 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def read_vocab(ckpt_dir: str | Path) -> JointVocab:
-    return JointVocab.from_dict(json.loads((Path(ckpt_dir) / VOCAB_FILE).read_text()))
+def read_vocab(ckpt: StageCheckpoint) -> JointVocab:
+    return JointVocab.from_dict(json.loads(ckpt.vocab.read_text()))
 
 
-def build_for_stage(config: dict[str, Any], cfg: Config, stage: str) -> Built:
-    if stage == "pretrain_text":
-        tok = load_tokenizer(config["tokenizer_dir"])
-        torch.manual_seed(cfg.pretrain_text.seed)
-        model = build_tiny_lm(cfg.llm, tok)
-        return Built(model, tok, JointVocab.for_tokenizer(tok, 0, 0), None)
+def build_starting_model(stage: Stage, llm: LLMConfig, *, seed: int, tokenizer_dir: str | Path,
+                         theta0_dir: str | Path | None = None, init: StageCheckpoint | None = None) -> StartingModel:
+    """The model a stage trains from, by ``stage.starts_from``:
 
-    theta0_dir = Path(config["theta0_dir"])
-    tok = load_tokenizer(config["tokenizer_dir"])
-    if stage == "stage1" or cfg.llm.finetune == "lora":
-        # stage 1 starts AT theta_0; LoRA always wraps theta_0 (the adapter carries everything learned since)
-        model, vocab = load_theta0_model(theta0_dir, cfg.llm)
-        model = apply_finetune_mode(model, cfg.llm, vocab)
-        if stage == "stage2":
-            load_weights(model, Path(config["init_dir"]))
-        theta0 = _theta0_for(model, load_theta0_model(theta0_dir, cfg.llm)[0] if stage == "stage2" else model)
-        return Built(model, tok, vocab, theta0)
-    # stage 2, full fine-tuning: the stage-1 weights, regularized toward the same theta_0
+    - ``new_tiny_lm``: a tiny LM built from the config and the freshly trained tokenizer (no theta_0);
+    - ``pretrained_lm``: theta_0 itself (the LM as loaded, the new rows at their initial values);
+    - ``stage1_checkpoint``: stage 1's weights (full), or theta_0 wrapped in LoRA with stage 1's adapter.
+
+    The regularized stages also get theta_0's tensors for their trainable full-size parameters.
+    """
+    tok = load_tokenizer(tokenizer_dir)
+    if stage.starts_from == "new_tiny_lm":
+        torch.manual_seed(seed)
+        return StartingModel(build_tiny_lm(llm, tok), tok, JointVocab.for_tokenizer(tok, 0, 0), None)
+    theta0 = Theta0Files(theta0_dir)
+    if stage.starts_from == "pretrained_lm" or llm.finetune == "lora":
+        # LoRA always wraps theta_0: the adapter carries everything learned since.
+        model, vocab = load_theta0_model(theta0, llm)
+        model = apply_finetune_mode(model, llm, vocab)
+        if stage.starts_from == "stage1_checkpoint":
+            load_weights(model, _require(init))
+            reference = load_theta0_model(theta0, llm)[0]
+        else:
+            reference = model
+        return StartingModel(model, tok, vocab, _theta0_for(model, reference))
     from transformers import AutoModelForCausalLM
 
-    from mavilt.llm.model import torch_dtype
-
-    init = Path(config["init_dir"])
-    model = AutoModelForCausalLM.from_pretrained(str(init / "llm"), dtype=torch_dtype(cfg.llm.dtype), local_files_only=True)
+    init = _require(init)
+    model = AutoModelForCausalLM.from_pretrained(str(init.llm), dtype=torch_dtype(llm.dtype), local_files_only=True)
     vocab = read_vocab(init)
-    model = apply_finetune_mode(model, cfg.llm, vocab)
-    theta0 = _theta0_for(model, load_theta0_model(theta0_dir, cfg.llm)[0])
-    return Built(model, tok, vocab, theta0)
+    model = apply_finetune_mode(model, llm, vocab)
+    return StartingModel(model, tok, vocab, _theta0_for(model, load_theta0_model(theta0, llm)[0]))
+
+
+def _require(init: StageCheckpoint | None) -> StageCheckpoint:
+    if init is None:
+        raise CheckpointError("stage 2 starts from a stage-1 checkpoint: pass --init-checkpoint")
+    return init
 
 
 def _theta0_for(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,31 +97,34 @@ def _theta0_for(model: torch.nn.Module, reference: torch.nn.Module) -> dict[str,
     return theta0_state(reference, names)
 
 
-def save_stage_checkpoint(d: Path, module: torch.nn.Module, tokenizer, vocab: JointVocab, config: dict[str, Any],
-                          hf_state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_model_parts(ckpt: StageCheckpoint, module: torch.nn.Module, tokenizer, vocab: JointVocab | None,
+                     theta0_dir: str | Path | None, hf_state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The LM (full weights, or the LoRA adapter), its tokenizer, and for the image stages the joint
+    vocabulary and theta_0 (a text-pretraining checkpoint has neither)."""
     if _is_peft(module):
-        module.save_pretrained(str(d / "adapter"))
+        module.save_pretrained(str(ckpt.adapter))
     else:
-        module.save_pretrained(str(d / "llm"), state_dict=hf_state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(str(d / "tokenizer"))
-    (d / VOCAB_FILE).write_text(json.dumps(vocab.to_dict(), indent=2))
-    if config.get("theta0_dir"):
-        copy_theta0(Path(config["theta0_dir"]), d / "theta0")
+        module.save_pretrained(str(ckpt.llm), state_dict=hf_state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(ckpt.tokenizer))
+    if vocab is not None:
+        ckpt.vocab.write_text(json.dumps(vocab.to_dict(), indent=2))
+    if theta0_dir:
+        copy_theta0(Theta0Files(theta0_dir), ckpt.theta0)
 
 
-def load_weights(module: torch.nn.Module, ckpt_dir: Path) -> None:
-    """Load a stage checkpoint's weights into an already-built model (resume, or stage 2 with LoRA)."""
-    if (ckpt_dir / "adapter").exists():
+def load_weights(module: torch.nn.Module, ckpt: StageCheckpoint) -> None:
+    """Load a checkpoint's LM weights into an already-built model (resume, or stage 2 with LoRA)."""
+    if ckpt.is_lora:
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
-        set_peft_model_state_dict(module, load_peft_weights(str(ckpt_dir / "adapter"), device="cpu"))
+        set_peft_model_state_dict(module, load_peft_weights(str(ckpt.adapter), device="cpu"))
         return
     from safetensors.torch import load_file
 
-    files = sorted((ckpt_dir / "llm").glob("*.safetensors"))
+    files = sorted(ckpt.llm.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{ckpt_dir} holds neither llm/*.safetensors nor adapter/")
+        raise CheckpointError(f"{ckpt.root} holds neither llm/*.safetensors nor adapter/")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_file(str(f)))
@@ -127,7 +132,8 @@ def load_weights(module: torch.nn.Module, ckpt_dir: Path) -> None:
     tied = {"lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"checkpoint {ckpt.root} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
 
 
 def _is_peft(module: torch.nn.Module) -> bool:

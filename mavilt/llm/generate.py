@@ -210,13 +210,13 @@ def answer_probabilities(
     model: torch.nn.Module, vocab: JointVocab, codec, prompts: Sequence[Sequence[int]], choice_sets: Sequence[Sequence[str]]
 ) -> list[np.ndarray]:
     """For each prompt, a probability per answer in its set (softmax of the answers' log-likelihoods)."""
-    from mavilt.llm.sequences import answer_ids
+    from mavilt.llm.tasks import VQA
 
     flat_p, flat_c, owner = [], [], []
     for i, (p, choices) in enumerate(zip(prompts, choice_sets)):
         for c in choices:
             flat_p.append(p)
-            flat_c.append(answer_ids(vocab, codec, c))
+            flat_c.append(VQA.answer_ids(vocab, codec, c))
             owner.append(i)
     ll = choice_log_likelihoods(model, vocab, flat_p, flat_c)
     out: list[list[float]] = [[] for _ in prompts]

@@ -11,17 +11,16 @@ from typing import Any
 
 import torch
 
+from mavilt.checkpoints import Theta0Files
 from mavilt.config import LLMConfig
+from mavilt.errors import CheckpointError
 from mavilt.llm.vocab import JointVocab
 
 log = logging.getLogger(__name__)
 
-THETA0_FILE = "theta0.json"  # {"base": <dir of the immutable base LM>, "new_rows": "theta0_rows.pt"}
-THETA0_ROWS = "theta0_rows.pt"
 
-
-class ModelLoadError(ValueError):
-    pass
+class ModelLoadError(CheckpointError):
+    """An LM that cannot be loaded or extended as configured."""
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -142,34 +141,37 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 # ---- theta_0 ---------------------------------------------------------------------------------------------
 
 
-def save_theta0(out_dir: Path, base_dir: str | Path, model: torch.nn.Module, vocab: JointVocab) -> None:
+def save_theta0(out: Theta0Files, base_dir: str | Path, model: torch.nn.Module, vocab: JointVocab) -> None:
     """theta_0 = the immutable base LM (by reference) + the new rows at their initial values (stored)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out.root.mkdir(parents=True, exist_ok=True)
     v = vocab.text_vocab_size
     rows = {"embed": model.get_input_embeddings().weight.detach()[v:].clone().cpu()}
-    out = model.get_output_embeddings()
-    if out is not None:
-        rows["lm_head"] = out.weight.detach()[v:].clone().cpu()
-    torch.save(rows, out_dir / THETA0_ROWS)
-    (out_dir / THETA0_FILE).write_text(json.dumps({"base": str(Path(base_dir).resolve()), "new_rows": THETA0_ROWS, "vocab": vocab.to_dict()}, indent=2))
+    head = model.get_output_embeddings()
+    if head is not None:
+        rows["lm_head"] = head.weight.detach()[v:].clone().cpu()
+    torch.save(rows, out.rows)
+    out.spec.write_text(json.dumps({"base": str(Path(base_dir).resolve()), "new_rows": out.ROWS, "vocab": vocab.to_dict()},
+                                   indent=2))
 
 
-def copy_theta0(src_dir: Path, dst_dir: Path) -> None:
+def copy_theta0(src: Theta0Files, dst: Theta0Files) -> None:
     """Hand theta_0 on unchanged (stage 1 -> stage 2 -> bundle)."""
     import shutil
 
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    for f in (THETA0_FILE, THETA0_ROWS):
-        shutil.copy2(src_dir / f, dst_dir / f)
+    dst.root.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src.spec, dst.spec)
+    shutil.copy2(src.rows, dst.rows)
 
 
-def load_theta0_model(theta0_dir: Path, cfg: LLMConfig) -> tuple[torch.nn.Module, JointVocab]:
+def load_theta0_model(theta0: Theta0Files, cfg: LLMConfig) -> tuple[torch.nn.Module, JointVocab]:
     """Rebuild theta_0 as a model: the base LM, resized, with the stored initial rows."""
-    spec = json.loads((theta0_dir / THETA0_FILE).read_text())
+    if not theta0.exists():
+        raise CheckpointError(f"{theta0.root} holds no theta_0 ({theta0.SPEC} and {theta0.ROWS}); stage 1 writes it")
+    spec = json.loads(theta0.spec.read_text())
     vocab = JointVocab.from_dict(spec["vocab"])
     model, _ = load_lm(spec["base"], cfg.dtype, with_tokenizer=False)
     model.resize_token_embeddings(vocab.size, mean_resizing=False)
-    rows = torch.load(theta0_dir / spec["new_rows"], map_location="cpu")
+    rows = torch.load(theta0.root / spec["new_rows"], map_location="cpu")
     v = vocab.text_vocab_size
     with torch.no_grad():
         model.get_input_embeddings().weight[v:] = rows["embed"].to(model.dtype)

@@ -106,10 +106,11 @@ class Regularizer:
             return torch.zeros((), device=self._device())
         return self.lam * self.squared_distance()
 
-    def drift(self) -> float:
-        """||theta - theta_0|| (for logging)."""
+    def metrics(self) -> dict[str, float]:
+        """The penalty's value and the drift ||theta - theta_0|| (for the logs)."""
         with torch.no_grad():
-            return float(self.squared_distance().sqrt())
+            sq = float(self.squared_distance())
+        return {"reg_term": self.lam * sq, "drift": sq**0.5}
 
     # ---- ZeRO-3 ----------------------------------------------------------------------------------
     def _zero3_partition_sum(self) -> torch.Tensor:

@@ -9,9 +9,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IU_REPORTS = Path(__file__).resolve().parents[2] / ".cache" / "iu_xray" / "ecgen-radiology"
-
-
 def _heldout(text: str, seed: int, fraction: float) -> bool:
     h = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return h < fraction

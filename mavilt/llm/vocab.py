@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-SPECIAL_TOKENS = ("<boi>", "<eoi>")
-
 
 class VocabError(ValueError):
     pass
@@ -64,9 +62,6 @@ class JointVocab:
 
     def is_image(self, ids):
         return (ids >= self.text_vocab_size) & (ids < self.text_vocab_size + self.codebook_size)
-
-    def is_text(self, ids):
-        return ids < self.text_vocab_size
 
     def image_span(self, codes) -> list[int]:
         """``<boi>`` + N image ids + ``<eoi>`` for one image's codes."""

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mavilt.checkpoints import ENCODER_FILES
 from mavilt.config import ConfigError, EncoderConfig
-from mavilt.tokenizer.persist import config_from_saved, load_state, read_saved, save_module
 from mavilt.data.labels import OBSERVATIONS
+from mavilt.tokenizer.persist import SavedModel, config_from_saved
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class _Stage(nn.Module):
         return F.silu(h + self.body(h))
 
 
-class CXREncoder(nn.Module):
+class CXREncoder(SavedModel, nn.Module):
     """Small CNN: multi-label classifier of the 14 CheXpert observations (order of ``OBSERVATIONS``).
 
     Feature dimension ``width * 2**(depth-1)``; global average pooling makes it accept any input size.
@@ -116,29 +117,26 @@ class CXREncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "image_size": self.image_size,
-            "observations": list(self.observations),
-            "config": dataclasses.asdict(self.cfg),
-        }
-        return save_module(self, directory, "encoder", meta)
+    # -- persistence: encoder.pt + encoder.json (config, image size, the observations it reads) -----------
+    FILES = ENCODER_FILES
+    FORMAT_VERSION = FORMAT_VERSION
+    LOAD_ERROR = FeatureEncoderError
+    LOAD_HINT = "not a CXR encoder checkpoint (train one with jobs/encoder.py and pass its output folder)"
+
+    def saved_meta(self) -> dict:
+        return {"image_size": self.image_size, "observations": list(self.observations),
+                "config": dataclasses.asdict(self.cfg)}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "CXREncoder":
-        meta, state = read_saved(directory, "encoder", FeatureEncoderError,
-                                 "not a CXR encoder checkpoint (train one with jobs/encoder.py and pass its output folder)",
-                                 map_location)
+    def from_saved_meta(cls, meta: dict, directory: Path) -> "CXREncoder":
         saved_obs = tuple(meta.get("observations", OBSERVATIONS))
         if saved_obs != OBSERVATIONS:
             raise FeatureEncoderError(
                 f"{directory} was trained on observations {list(saved_obs)}, which differ from this code's "
                 f"{list(OBSERVATIONS)}; retrain it with jobs/encoder.py"
             )
-        model = cls(config_from_saved(EncoderConfig, meta.get("config", {})), image_size=int(meta.get("image_size", 64)))
-        load_state(model, state, Path(directory))
-        return model.to(map_location).eval()
+        return cls(config_from_saved(EncoderConfig, meta.get("config", {})), image_size=int(meta.get("image_size", 64)))
+
 
 
 # ---- labels: loss and AUROC ------------------------------------------------------------------------------
@@ -270,10 +268,9 @@ def load_feature_encoder(spec: str, weights: str | None = None, inhouse_dir: str
                 "feature encoder 'inhouse' needs the trained CXR encoder's folder: train it with jobs/encoder.py "
                 "and pass --encoder-checkpoint (or choose another with --set vqgan.feature_encoder=xrv|module:...)"
             )
-        d = Path(inhouse_dir)
-        if (d / "encoder" / "encoder.json").is_file() and not (d / "encoder.json").is_file():
-            d = d / "encoder"  # a training checkpoint folder holds the encoder one level down
-        return FrozenFeatureEncoder(CXREncoder.from_pretrained(d), name="inhouse")
+        from mavilt.checkpoints import EncoderCheckpoint
+
+        return FrozenFeatureEncoder(CXREncoder.from_pretrained(EncoderCheckpoint.find_model(inhouse_dir)), name="inhouse")
     if spec == "xrv":
         return _load_xrv(weights)
     if spec.startswith("module:"):

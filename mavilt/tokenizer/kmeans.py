@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-WEIGHTS_FILE = "kmeans.pt"
-CONFIG_FILE = "kmeans.json"
+from mavilt.checkpoints import KMEANS_FILES
+
+WEIGHTS_FILE = KMEANS_FILES.weights
+CONFIG_FILE = KMEANS_FILES.meta
 
 
 class PatchKMeansTokenizer:

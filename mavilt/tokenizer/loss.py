@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mavilt.config import VQGANConfig
+from mavilt.errors import ConfigError
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 
@@ -59,12 +60,12 @@ class VQGANLoss(nn.Module):
         self.cfg = cfg
         needs_phi = cfg.lambda_feat > 0 or cfg.lambda_perceptual > 0
         if needs_phi and feature_encoder is None:
-            raise ValueError(
+            raise ConfigError(
                 "vqgan.lambda_feat or vqgan.lambda_perceptual is > 0 but no feature encoder was given; "
                 "pass one (load_feature_encoder) or set both to 0"
             )
         if cfg.lambda_perceptual > 0 and feature_encoder is not None and not hasattr(feature_encoder, "intermediate"):
-            raise ValueError("vqgan.lambda_perceptual > 0 needs a feature encoder with intermediate(x)")
+            raise ConfigError("vqgan.lambda_perceptual > 0 needs a feature encoder with intermediate(x)")
         self.phi = feature_encoder
         if self.phi is not None:
             self.phi.requires_grad_(False)  # frozen: the tokenizer must not move its own measuring stick

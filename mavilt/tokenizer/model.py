@@ -25,8 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mavilt.checkpoints import VQGAN_FILES
 from mavilt.config import ConfigError, VQGANConfig
-from mavilt.tokenizer.persist import config_from_saved, load_state, read_saved, save_module
+from mavilt.tokenizer.persist import SavedModel, config_from_saved
 
 log = logging.getLogger(__name__)
 
@@ -185,19 +186,8 @@ class CodeUsage:
     def update(self, codes: torch.Tensor) -> None:
         self.counts += torch.bincount(codes.detach().flatten().long().cpu(), minlength=self.codebook_size)
 
-    def sync(self) -> None:
-        """Sum the histograms of all DDP workers (a collective: every worker must call it)."""
-        if _distributed():
-            backend_cuda = dist.get_backend() == "nccl"
-            t = self.counts.cuda() if backend_cuda else self.counts.clone()
-            dist.all_reduce(t)
-            self.counts = t.cpu()
-
     def compute(self) -> dict[str, float]:
         return _stats_from_counts(self.counts)
-
-    def reset(self) -> None:
-        self.counts.zero_()
 
 
 class Quantizer(nn.Module):
@@ -320,7 +310,7 @@ class VQOutput:
     stats: dict[str, float] = field(default_factory=dict)  # usage, perplexity of this batch
 
 
-class VQGAN(nn.Module):
+class VQGAN(SavedModel, nn.Module):
     """Image tokenizer. ``encode``/``decode`` are what the LLM stages, evaluation and serving use."""
 
     def __init__(self, cfg: VQGANConfig, image_size: int = 64) -> None:
@@ -399,20 +389,18 @@ class VQGAN(nn.Module):
             out.append(((self.decoder(zq) + 1) / 2).clamp(0, 1))
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    # -- persistence -------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``vqgan.pt`` (state dict) and ``vqgan.json`` (config + image size): loadable on its own."""
-        meta = {"format_version": FORMAT_VERSION, "image_size": self.image_size, "config": dataclasses.asdict(self.cfg)}
-        return save_module(self, directory, "vqgan", meta)
+    # -- persistence: vqgan.pt (state dict) + vqgan.json (config, image size), loadable on its own ----------
+    FILES = VQGAN_FILES
+    FORMAT_VERSION = FORMAT_VERSION
+    LOAD_ERROR = FileNotFoundError
+    LOAD_HINT = "not a VQ-GAN checkpoint (written by VQGAN.save_pretrained, e.g. by jobs/vqgan.py)"
+
+    def saved_meta(self) -> dict:
+        return {"image_size": self.image_size, "config": dataclasses.asdict(self.cfg)}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "VQGAN":
-        meta, state = read_saved(directory, "vqgan", FileNotFoundError,
-                                 "not a VQ-GAN checkpoint (written by VQGAN.save_pretrained, e.g. by jobs/vqgan.py)",
-                                 map_location)
-        model = cls(config_from_saved(VQGANConfig, meta.get("config", {})), image_size=int(meta["image_size"]))
-        load_state(model, state, Path(directory))
-        return model.to(map_location).eval()
+    def from_saved_meta(cls, meta: dict, directory: Path) -> "VQGAN":
+        return cls(config_from_saved(VQGANConfig, meta.get("config", {})), image_size=int(meta["image_size"]))
 
 
 

@@ -1,16 +1,13 @@
-"""Checkpoint I/O inside Ray Train workers.
+"""Checkpoint I/O inside Ray Train workers: resuming, reporting (with or without a checkpoint), and the files
+every checkpoint holds (see :mod:`mavilt.checkpoints` for each step's layout).
 
-A Ray Train checkpoint of a MAViLT step is a directory holding
-- ``train_state.pt``: what resuming needs (step, optimizer and scheduler states, RNG-free: every random draw
-  is a function of (seed, step), so nothing else is needed to continue exactly);
-- the model in its loadable form (``vqgan/``, ``encoder/``, ``llm/`` ...), written with the model's own
-  ``save_pretrained`` so downstream steps never need the training config to load it;
-- ``config.yaml`` (the resolved config) and ``code_version.txt``.
+Resuming needs only ``train_state.pt``: every random draw is a function of (seed, step, rank), so the step,
+the weights and the optimizer and scheduler states are enough to continue exactly.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +15,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-log = logging.getLogger(__name__)
-
-TRAIN_STATE = "train_state.pt"
+from mavilt.checkpoints import TrainCheckpoint
+from mavilt.config import Config
 
 
 @contextmanager
@@ -36,29 +32,20 @@ def latest_checkpoint_dir() -> Iterator[Path | None]:
         yield Path(d)
 
 
-PROGRESS_KEYS = ("train_loss", "train_total", "val_loss", "val_psnr", "val_usage", "val_auroc_mean",
-                 "heldout_text_ppl", "drift", "tokens_per_s", "images_per_s")
-
-
-def log_progress(job: str, step: int, max_steps: int, metrics: dict[str, Any]) -> None:
-    """One line per report from rank 0 (Ray forwards worker output to the driver)."""
-    import sys
-
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() != 0:
-        return
-    keys = list(PROGRESS_KEYS) + sorted(k for k in metrics if k.startswith("image_gain/"))
-    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
-    # Straight to the process's stdout: Ray Train patches print() to echo through its logger as well.
-    sys.__stdout__.write(f"[{job}] step {step}/{max_steps} {shown}\n")
-    sys.__stdout__.flush()
-
-
 def load_train_state(ckpt_dir: Path | None) -> dict[str, Any] | None:
-    if ckpt_dir is None or not (ckpt_dir / TRAIN_STATE).exists():
+    if ckpt_dir is None or not TrainCheckpoint(ckpt_dir).train_state.exists():
         return None
-    return torch.load(ckpt_dir / TRAIN_STATE, map_location="cpu", weights_only=False)
+    return torch.load(TrainCheckpoint(ckpt_dir).train_state, map_location="cpu", weights_only=False)
+
+
+def save_train_files(ckpt_dir: Path, cfg: Config, train_state: dict[str, Any]) -> None:
+    """``train_state.pt``, ``config.yaml`` and ``code_version.txt``: what every checkpoint holds."""
+    from mavilt.runs import code_version
+
+    ck = TrainCheckpoint(ckpt_dir)
+    torch.save(train_state, ck.train_state)
+    cfg.save(ck.config_file)
+    ck.code_version_file.write_text(code_version() + "\n")
 
 
 def report(
@@ -66,7 +53,7 @@ def report(
     write: Callable[[Path], None] | None = None,
     *,
     all_ranks_write: bool = False,
-    history: str | Path | None = None,
+    history: Path | None = None,
 ) -> None:
     """``ray.train.report`` with an optional checkpoint written by ``write(dir)``.
 
@@ -74,14 +61,12 @@ def report(
     merges into one directory) and appends the metrics to ``history`` (JSON lines: every report, not only
     the checkpointed ones). Every rank calls this the same number of times: it is a barrier.
     """
-    import json
-
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
     metrics = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()}
     if history is not None and rank == 0:
-        Path(history).parent.mkdir(parents=True, exist_ok=True)
+        history.parent.mkdir(parents=True, exist_ok=True)
         with open(history, "a") as f:
             f.write(json.dumps(metrics) + "\n")
     if write is None or (rank != 0 and not all_ranks_write):
@@ -90,13 +75,3 @@ def report(
     with tempfile.TemporaryDirectory(prefix="mavilt-ckpt-") as tmp:
         write(Path(tmp))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def save_common(dir_: Path, cfg_dict: dict[str, Any], train_state: dict[str, Any]) -> None:
-    import yaml
-
-    from mavilt.runs import code_version
-
-    torch.save(train_state, dir_ / TRAIN_STATE)
-    (dir_ / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    (dir_ / "code_version.txt").write_text(code_version() + "\n")

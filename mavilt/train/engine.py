@@ -1,8 +1,8 @@
 """One interface over the two ways an LLM stage trains: DDP (or a single process) and DeepSpeed ZeRO.
 
-The LLM loop calls ``forward``, ``step(loss)``, ``save(dir)``, ``load(dir)`` and ``hf_state_dict()``; the
-engine hides who wraps the model, who owns the optimizer, how gradients are clipped and how theta_0's
-gradient reaches ZeRO-3 partitions.
+The LLM loop calls ``forward``, ``step(loss, reg)``, ``restore(checkpoint, state)``, ``save_sharded``,
+``train_state`` and ``hf_state_dict``; the engine hides who wraps the model, who owns the optimizer, how
+gradients are clipped and how theta_0's gradient reaches ZeRO-3 partitions.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
+from mavilt.checkpoints import StageCheckpoint
 from mavilt.config import LLMTrainConfig
+from mavilt.errors import ConfigError
 from mavilt.llm.regularization import Regularizer
+from mavilt.paths import resolve_project_file
 
 log = logging.getLogger(__name__)
 
-DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 
 
@@ -48,10 +50,28 @@ def make_optimizer(model: torch.nn.Module, tc: LLMTrainConfig) -> torch.optim.Op
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(0.9, 0.95))
 
 
-class DDPEngine:
-    """Plain PyTorch: one process, or DDP via Ray Train's ``prepare_model`` when there are several workers."""
+class Engine:
+    """What both engines share: the wrapped model's forward, the loss with the regularizer, the current rate."""
 
-    kind = "ddp"
+    model: torch.nn.Module
+    scheduler: Any
+    writes_on_all_ranks = False  # whether every rank writes checkpoint files (sharded states)
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    @staticmethod
+    def total_loss(loss: torch.Tensor, reg: Regularizer | None) -> torch.Tensor:
+        """The task loss plus lambda_reg's penalty (ZeRO-3 partitions get theirs in the gradients instead)."""
+        return loss + reg.penalty() if reg is not None and reg.lam else loss
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+class DDPEngine(Engine):
+    """Plain PyTorch: one process, or DDP via Ray Train's ``prepare_model`` when there are several workers."""
 
     def __init__(self, model: torch.nn.Module, tc: LLMTrainConfig, world_size: int, device: torch.device, use_gpu: bool):
         self.tc = tc
@@ -66,22 +86,14 @@ class DDPEngine:
             self.model = self.base
         self.device = device
 
-    def forward(self, **batch):
-        return self.model(**batch)
-
     def step(self, loss: torch.Tensor, reg: Regularizer | None) -> float:
-        total = loss + reg.penalty() if reg is not None and reg.lam else loss
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.total_loss(loss, reg).backward()
         params = [p for p in self.base.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip) if self.tc.grad_clip > 0 else torch.zeros(())
         self.optimizer.step()
         self.scheduler.step()
         return float(norm)
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def module(self) -> torch.nn.Module:
         return self.base
@@ -89,23 +101,25 @@ class DDPEngine:
     def train_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def load_train_state(self, state: dict[str, Any], ckpt_dir: Path) -> None:
+    def restore(self, ckpt: StageCheckpoint, state: dict[str, Any]) -> None:
+        """Weights from the checkpoint's model folder, optimizer and scheduler from its train state."""
+        from mavilt.llm.checkpoint import load_weights
+
+        load_weights(self.base, ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def save_sharded(self, d: Path) -> None:
+    def save_sharded(self, ckpt: StageCheckpoint) -> None:
         """Nothing sharded: rank 0 writes everything."""
 
     def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
         return None  # the module's own state dict is complete
 
-    writes_on_all_ranks = False
 
-
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO-2/3 (``deepspeed.initialize`` in the train function, as Ray Train's example does)."""
 
-    kind = "deepspeed"
+    writes_on_all_ranks = True
 
     def __init__(self, model: torch.nn.Module, tc: LLMTrainConfig, world_size: int, device: torch.device, use_gpu: bool,
                  micro_batch: int, bf16: bool):
@@ -124,21 +138,13 @@ class DeepSpeedEngine:
         self.model = self.engine
         self.device = device
 
-    def forward(self, **batch):
-        return self.engine(**batch)
-
     def step(self, loss: torch.Tensor, reg: Regularizer | None) -> float:
-        total = loss + reg.penalty() if reg is not None and reg.lam else loss
-        self.engine.backward(total)
+        self.engine.backward(self.total_loss(loss, reg))
         if reg is not None:
             reg.add_zero3_gradients()  # a no-op unless parameters are ZeRO-3 partitioned
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def module(self) -> torch.nn.Module:
         return self.engine.module
@@ -146,15 +152,16 @@ class DeepSpeedEngine:
     def train_state(self) -> dict[str, Any]:
         return {}  # optimizer and scheduler live in the DeepSpeed shards
 
-    def load_train_state(self, state: dict[str, Any], ckpt_dir: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+    def restore(self, ckpt: StageCheckpoint, state: dict[str, Any]) -> None:
+        """Weights, optimizer and scheduler from DeepSpeed's own shards."""
+        path, _ = self.engine.load_checkpoint(str(ckpt.deepspeed), tag=DEEPSPEED_TAG,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir / DEEPSPEED_DIR}")
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt.deepspeed}")
 
-    def save_sharded(self, d: Path) -> None:
+    def save_sharded(self, ckpt: StageCheckpoint) -> None:
         """Every rank writes its own optimizer/parameter shards (Ray merges the ranks' folders)."""
-        self.engine.save_checkpoint(str(d / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        self.engine.save_checkpoint(str(ckpt.deepspeed), tag=DEEPSPEED_TAG)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0 (a collective under ZeRO-3: every rank must call it)."""
@@ -162,16 +169,12 @@ class DeepSpeedEngine:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return None
 
-    writes_on_all_ranks = True
-
 
 def load_deepspeed_config(path: str | Path, *, micro_batch: int, grad_clip: float, bf16: bool) -> dict[str, Any]:
     """Read a ZeRO JSON and resolve its "auto" values from our config."""
-    p = Path(path)
-    if not p.is_absolute() and not p.exists():
-        p = Path(__file__).resolve().parents[2] / p
+    p = resolve_project_file(path)
     if not p.exists():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found; use configs/deepspeed/zero2.json or zero3.json")
+        raise ConfigError(f"DeepSpeed config {path} not found; use configs/deepspeed/zero2.json or zero3.json")
     cfg = json.loads(p.read_text())
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg.pop("train_batch_size", None)

@@ -23,6 +23,7 @@ from mavilt.data.labels import OBSERVATIONS, labels_from_row
 from mavilt.data.prepare import PrepareParams, ScanResult
 from mavilt.data.reports import normalize_whitespace
 from mavilt.data.shards import SPLITS
+from mavilt.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,14 @@ REASON_IMAGE_MISSING = "image file missing"
 def csv_path(root: str | Path | None) -> Path:
     """The CSV file itself, or ``<folder>/data.csv``."""
     if not root:
-        raise ValueError("--source csv needs --root pointing at a CSV file (or a folder holding data.csv)")
+        raise InputError("--source csv needs --root pointing at a CSV file (or a folder holding data.csv)")
     p = Path(root)
     if p.is_dir():
         p = p / DEFAULT_NAME
         if not p.is_file():
-            raise ValueError(f"{root} is a folder without {DEFAULT_NAME}; pass the CSV file itself as --root")
+            raise InputError(f"{root} is a folder without {DEFAULT_NAME}; pass the CSV file itself as --root")
     elif not p.is_file():
-        raise ValueError(f"--root {root} does not exist; pass a CSV file (or a folder holding {DEFAULT_NAME})")
+        raise InputError(f"--root {root} does not exist; pass a CSV file (or a folder holding {DEFAULT_NAME})")
     return p
 
 
@@ -57,13 +58,13 @@ def scan(params: PrepareParams) -> ScanResult:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(
+        raise InputError(
             f"{path} is not a readable CSV ({type(e).__name__}); save it as UTF-8 comma-separated text"
         ) from None
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{path} is missing required column(s) {', '.join(missing)}; required columns: "
             f"{', '.join(REQUIRED_COLUMNS)} (optional: view, image_id, and CheXpert observation columns such as "
             f"'Pleural Effusion')"

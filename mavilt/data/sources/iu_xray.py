@@ -33,6 +33,7 @@ from mavilt.data.labels import empty_labels
 from mavilt.data.prepare import PrepareParams, ScanResult
 from mavilt.data.reports import normalize_whitespace
 from mavilt.data.shards import SPLITS
+from mavilt.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def reports_dir(root: str | Path) -> Path:
         return sub
     if root.is_dir() and any(root.glob("*.xml")):
         return root
-    raise ValueError(f"{root} has no {REPORTS_DIR}/ folder of OpenI report XMLs; point --root at the IU X-ray folder")
+    raise InputError(f"{root} has no {REPORTS_DIR}/ folder of OpenI report XMLs; point --root at the IU X-ray folder")
 
 
 def iter_openi_reports(directory: str | Path) -> Iterator[dict[str, Any]]:
@@ -122,7 +123,7 @@ def iter_openi_reports(directory: str | Path) -> Iterator[dict[str, Any]]:
 def assign_split(uid: str, seed: int, fractions: list[float]) -> str:
     """Deterministic split for a study: sha256(seed, uid) -> a number in [0, 1) -> cumulative fraction buckets."""
     if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(
+        raise InputError(
             f"split_fractions must be {len(SPLITS)} non-negative numbers (train, validate, test), got {fractions}"
         )
     h = hashlib.sha256(f"{seed}:{uid}".encode()).digest()
@@ -137,14 +138,14 @@ def assign_split(uid: str, seed: int, fractions: list[float]) -> str:
 
 def scan(params: PrepareParams) -> ScanResult:
     if not params.root:
-        raise ValueError(
+        raise InputError(
             "--source iu-xray needs --root pointing at the folder holding ecgen-radiology/ and NLMCXR_png/"
         )
     root = Path(params.root)
     xml_dir = reports_dir(root)
     image_dir = root / IMAGES_DIR
     if not image_dir.is_dir():
-        raise ValueError(f"{root} has no {IMAGES_DIR}/ folder; unpack NLMCXR_png.tgz there")
+        raise InputError(f"{root} has no {IMAGES_DIR}/ folder; unpack NLMCXR_png.tgz there")
     on_disk = {p.stem for p in image_dir.glob("*.png")}
     skipped: Counter = Counter()
     records: list[dict[str, Any]] = []

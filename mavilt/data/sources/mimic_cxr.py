@@ -30,6 +30,7 @@ from mavilt.data.labels import OBSERVATIONS, empty_labels, labels_from_row
 from mavilt.data.prepare import PrepareParams, ScanResult
 from mavilt.data.reports import split_sections
 from mavilt.data.shards import SPLITS
+from mavilt.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _read_csv(path: Path, required: tuple[str, ...]):
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {missing}; expected at least {list(required)} (the PhysioNet file)")
+        raise InputError(f"{path} lacks column(s) {missing}; expected at least {list(required)} (the PhysioNet file)")
     return df
 
 
@@ -97,15 +98,15 @@ def _find_report(root: Path, subject_id: str, study_id: str) -> str | None:
 
 def scan(params: PrepareParams) -> ScanResult:
     if not params.root:
-        raise ValueError(
+        raise InputError(
             f"--source {params.source} needs --root pointing at the folder that holds files/ and the index CSVs"
         )
     root = Path(params.root)
     if not root.is_dir():
-        raise ValueError(f"--root {root} is not a directory; point it at the {params.source} release's top folder")
+        raise InputError(f"--root {root} is not a directory; point it at the {params.source} release's top folder")
     split_path = index_file(root, SPLIT_FILE)
     if split_path is None:
-        raise ValueError(
+        raise InputError(
             f"{root} has no {SPLIT_FILE} (or .csv.gz); it ships with MIMIC-CXR-JPG: copy it next to files/"
         )
     suffix = image_suffix(params.source)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from mavilt.data.labeler import label_report, label_reports, mention_labels
 from mavilt.data.labels import OBSERVATIONS
-from mavilt.eval.chexpert import clinical_efficacy, label_report, label_reports, mention_labels
+from mavilt.eval.clinical import clinical_efficacy
 
 IU_REPORTS = Path(__file__).resolve().parent.parent / ".cache" / "iu_xray" / "ecgen-radiology"
 
@@ -319,7 +320,11 @@ def test_fast_f1_matches_clinical_efficacy():
     import numpy as np
 
     from mavilt.data.labels import OBSERVATIONS
-    from mavilt.eval.chexpert import binarize_labels, clinical_efficacy, f1_from_matrices
+    from mavilt.eval.clinical import (
+        binarize_labels,
+        clinical_efficacy,
+        f1_from_matrices,
+    )
 
     rng = np.random.default_rng(0)
     choices = [1, 0, -1, None]

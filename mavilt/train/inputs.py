@@ -1,0 +1,43 @@
+"""What each worker loop receives: one typed, picklable object per loop (Ray ships it to every worker).
+
+The driver (:mod:`mavilt.train.steps`) resolves every path before training starts and makes it absolute:
+train workers run in their own working directory, where a relative path means nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mavilt.config import Config
+from mavilt.runs import StepOutput
+
+
+@dataclass(frozen=True)
+class LoopInputs:
+    cfg: Config
+    output: str  # the step's output folder: history.jsonl and the step's own artefacts
+
+    @property
+    def step_output(self) -> StepOutput:
+        return StepOutput(Path(self.output))
+
+
+@dataclass(frozen=True)
+class EncoderInputs(LoopInputs):
+    """The CXR encoder phi trains from the dataset alone."""
+
+
+@dataclass(frozen=True)
+class VQGANInputs(LoopInputs):
+    phi_dir: str | None = None  # the in-house encoder folder for the feature/perceptual terms
+
+
+@dataclass(frozen=True)
+class LLMInputs(LoopInputs):
+    stage: str = "stage1"  # a name in mavilt.llm.stages.STAGES
+    tokenizer_dir: str = ""  # the text tokenizer folder
+    theta0_dir: str | None = None  # regularized stages: theta_0
+    init_checkpoint: str | None = None  # stage 2: the stage-1 checkpoint it starts from
+    # Tests of fault tolerance: raise once after this step, in the first attempt only.
+    inject_failure_at_step: int | None = None

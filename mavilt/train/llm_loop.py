@@ -1,0 +1,178 @@
+"""The one worker loop for every LLM stage (text pretraining, stage 1, stage 2), run by Ray Train.
+
+The stages differ only in where the model comes from, which tasks make the examples and whether the
+regularizer is on (:mod:`mavilt.llm.stages`); the loop, the engine (DDP or DeepSpeed), checkpoints and
+metrics are shared. One step: the batch for this step (a pure function of seed, rank and step), a forward
+pass, the masked loss on response tokens, ``engine.step`` (backward, lambda_reg, clip, optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mavilt.checkpoints import StageCheckpoint
+from mavilt.console import step_progress
+from mavilt.data.raydata import shard_rows
+from mavilt.llm.checkpoint import build_starting_model, save_model_parts
+from mavilt.llm.data import HELDOUT, SHUFFLED, LLMData
+from mavilt.llm.regularization import Regularizer
+from mavilt.llm.sequences import TextCodec, collate
+from mavilt.llm.stages import get_stage
+from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, report, save_train_files
+from mavilt.train.engine import make_engine
+from mavilt.train.inputs import LLMInputs
+from mavilt.train.worker import Worker, all_reduce, autocast, setup_worker
+
+
+def llm_loop(inputs: LLMInputs) -> None:
+    cfg = inputs.cfg
+    stage = get_stage(inputs.stage)
+    tc = cfg.section(stage.name)
+    w = setup_worker(cfg.compute, tc.seed)
+
+    # The model this stage starts from, the engine that trains it, the regularizer toward theta_0.
+    init = StageCheckpoint(inputs.init_checkpoint) if inputs.init_checkpoint else None
+    start_from = build_starting_model(stage, cfg.llm, seed=tc.seed, tokenizer_dir=inputs.tokenizer_dir,
+                                      theta0_dir=inputs.theta0_dir, init=init)
+    model, tokenizer, vocab = start_from.model, start_from.tokenizer, start_from.vocab
+    if cfg.llm.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    bf16 = cfg.llm.dtype == "bfloat16" and w.device.type == "cuda"
+    engine = make_engine(model, tc, world_size=w.world_size, device=w.device, use_gpu=cfg.compute.use_gpu, bf16=bf16)
+    reg = Regularizer(engine.module(), start_from.theta0, tc.lambda_reg) if stage.regularized else None
+
+    start = 0
+    with latest_checkpoint_dir() as ckpt:
+        state = load_train_state(ckpt)
+        if state:
+            engine.restore(StageCheckpoint(ckpt), state)
+            start = int(state["step"])
+
+    data = LLMData(stage, tc, cfg.llm.max_length, vocab, TextCodec(tokenizer), rank=w.rank,
+                   train_rows=_rows("train", w), val_rows=_rows("validate", w), heldout_rows=_rows(HELDOUT, w),
+                   agree_min=lambda n: int(all_reduce([float(n)], "min")[0]))
+    history = inputs.step_output.history
+    if start >= tc.max_steps:  # a finished run started again: nothing to do but say so
+        report({"step": start, "done": 1}, history=history)
+        return
+
+    def write(step: int):
+        def _write(d: Path) -> None:
+            hf_state = engine.hf_state_dict()  # collective under ZeRO-3: all ranks reach this
+            ck = StageCheckpoint(d)
+            engine.save_sharded(ck)
+            if w.is_main:
+                save_model_parts(ck, engine.module(), tokenizer, vocab if stage.uses_images else None,
+                                 inputs.theta0_dir, hf_state_dict=hf_state)
+                save_train_files(d, cfg, {"step": step, "stage": stage.name, **engine.train_state()})
+        return _write
+
+    t0, tokens, running = time.perf_counter(), 0, {}
+    engine.module().train()
+    for step in range(start + 1, tc.max_steps + 1):
+        batch = collate(data.batch_for_step(step), vocab.pad_id)
+        ids, attn, labels = (batch[k].to(w.device) for k in ("input_ids", "attention_mask", "labels"))
+        with autocast(w.device):
+            logits = engine.forward(input_ids=ids, attention_mask=attn).logits
+        loss, per_task = masked_lm_loss(logits.float(), labels, batch["tasks"])
+        grad_norm = engine.step(loss, reg)
+
+        tokens += int(attn.sum())
+        for k, v in {"loss": float(loss.detach()), **{f"loss/{t}": v for t, v in per_task.items()},
+                     "grad_norm": grad_norm}.items():
+            running.setdefault(k, []).append(v)
+        validate = step % tc.eval_every == 0 or step == tc.max_steps
+        if validate or step % tc.log_every == 0:
+            metrics = {"step": step, "lr": engine.lr, "tokens_per_s": tokens * w.world_size / (time.perf_counter() - t0)}
+            metrics.update({f"train_{k}": float(np.mean(v)) for k, v in running.items()})
+            running = {}
+            if reg is not None:
+                metrics.update(reg.metrics())
+            if validate:
+                metrics.update(evaluate_llm(engine, data, vocab.pad_id, w))
+                engine.module().train()
+            step_progress(stage.name, step, tc.max_steps, metrics, w.rank)
+            report(metrics, write(step) if validate else None, all_ranks_write=engine.writes_on_all_ranks,
+                   history=history)
+        if inputs.inject_failure_at_step == step and start < step:
+            raise RuntimeError(f"injected failure after step {step} (test of resume)")
+
+
+def _rows(name: str, w: Worker) -> list[dict[str, Any]] | None:
+    """This rank's fixed slice of a dataset's rows (None when the run has no such dataset). Every worker
+    reads the whole (small: token ids) dataset and keeps a slice: unlike a streaming split, the rows a rank
+    trains on are then the same in every run, so resuming is exact."""
+    import ray.train
+
+    try:
+        shard = ray.train.get_dataset_shard(name)
+    except KeyError:
+        return None
+    return shard_rows(shard)[w.rank :: w.world_size]
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-mean cross-entropy over response tokens, and the same per task (for the logs)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    per_tok = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
+    per_tok = per_tok.view(labels.shape[0], -1)
+    mask = (labels[:, 1:] != -100).float()
+    loss = (per_tok * mask).sum() / mask.sum().clamp(min=1)
+    per_task: dict[str, float] = {}
+    with torch.no_grad():
+        for t in sorted(set(tasks)):
+            sel = torch.tensor([x == t for x in tasks], device=mask.device)
+            m = mask[sel]
+            per_task[t] = float((per_tok[sel] * m).sum() / m.sum().clamp(min=1))
+    return loss, per_task
+
+
+@torch.no_grad()
+def evaluate_llm(engine, data: LLMData, pad_id: int, w: Worker) -> dict[str, float]:
+    """Validation loss per task and held-out text perplexity, summed over ranks; ``image_gain/<task>``: how
+    much worse the task's loss is with another study's image.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively), padding with
+    zero-weight repeats where its share is smaller.
+    """
+    engine.module().eval()
+    out: dict[str, float] = {}
+    groups = data.validation_groups()  # name -> list of batches (lists of Example)
+    for name in sorted(groups):
+        batches = groups[name]
+        n = int(all_reduce([float(len(batches))], "max")[0])
+        if n == 0:
+            continue
+        loss_sum, tok_sum = 0.0, 0.0
+        for i in range(n):
+            real = i < len(batches)
+            b = collate(batches[i] if real else (batches[0] if batches else data.dummy_batch()), pad_id)
+            ids, attn, labels = (b[k].to(w.device) for k in ("input_ids", "attention_mask", "labels"))
+            with autocast(w.device):
+                logits = engine.forward(input_ids=ids, attention_mask=attn).logits.float()
+            ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            if real:
+                loss_sum += float(ce)
+                tok_sum += float((labels[:, 1:] != -100).sum())
+        loss_sum, tok_sum = all_reduce([loss_sum, tok_sum])
+        if tok_sum > 0:
+            out[f"val_loss/{name}"] = loss_sum / tok_sum
+    for k in [k for k in out if k.endswith(SHUFFLED)]:
+        task = k[len("val_loss/"):-len(SHUFFLED)]
+        if f"val_loss/{task}" in out:
+            out[f"image_gain/{task}"] = out.pop(k) - out[f"val_loss/{task}"]
+    task_losses = [v for k, v in out.items() if k.startswith("val_loss/") and k != f"val_loss/{HELDOUT}"]
+    if f"val_loss/{HELDOUT}" in out:
+        out["heldout_text_ppl"] = float(math.exp(min(out[f"val_loss/{HELDOUT}"], 50)))
+    out["val_loss"] = float(np.mean(task_losses)) if task_losses else out.get(f"val_loss/{HELDOUT}", float("nan"))
+    return out
