@@ -19,9 +19,9 @@ import sys
 import warnings
 from typing import Any
 
-from mavilt.paths import CONFIG_DIR
+from mavilt.paths import PACKAGE_DIR
 
-RAY_DATA_LOGGING = CONFIG_DIR / "ray_data_logging.yaml"
+RAY_DATA_LOGGING = PACKAGE_DIR / "ray_data_logging.yaml"
 
 PROGRESS_KEYS = ("train_loss", "train_total", "val_loss", "val_psnr", "val_usage", "val_auroc_mean",
                  "heldout_text_ppl", "drift", "tokens_per_s", "images_per_s")

@@ -28,7 +28,7 @@ def test_presets_load_and_round_trip(preset, tmp_path):
 
 
 def test_presets_are_listed():
-    assert {"tiny", "base", "paper"} <= set(list_presets())
+    assert set(list_presets()) == {"tiny", "base", "paper", "micro"}
 
 
 def test_tiny_leaves_ray_data_a_cpu_and_matches_threads():
