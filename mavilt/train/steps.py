@@ -68,6 +68,9 @@ def run_vqgan(cfg: Config, data: str | Path, storage: str | Path, name: str = "v
     from mavilt.data.raydata import vision_datasets
     from mavilt.train.vision import vqgan_loop
 
+    from mavilt.data.shards import check_dataset
+
+    check_dataset(data)
     vc = cfg.vqgan
     phi_dir = None
     if vc.feature_encoder == "inhouse" and (vc.lambda_feat > 0 or vc.lambda_perceptual > 0 or encoder_checkpoint):
@@ -75,7 +78,7 @@ def run_vqgan(cfg: Config, data: str | Path, storage: str | Path, name: str = "v
             raise ConfigError("vqgan.feature_encoder=inhouse needs --encoder-checkpoint (train one with jobs/encoder.py), "
                               "or set vqgan.lambda_feat=0 and vqgan.lambda_perceptual=0")
         phi_dir = EncoderCheckpoint.find_model(encoder_checkpoint, "--encoder-checkpoint")
-    out = _prepare_out(storage, name, cfg, data)
+    out = _prepare_out(storage, name, cfg)
     outcome = fit(vqgan_loop, VQGANInputs(cfg, str(out.root), str(phi_dir) if phi_dir else None),
                   storage=Path(storage).resolve(), name=name, score=("val_loss", "min"), datasets=vision_datasets(data))
     if outcome.best_checkpoint is not None and phi_dir is not None:
