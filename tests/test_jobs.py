@@ -18,9 +18,15 @@ def run_job(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_prepare_synthetic_writes_three_splits_and_a_result_line(tmp_path):
-    out = tmp_path / "syn"
-    p = run_job("jobs/prepare.py", "--source", "synthetic", "--out", str(out), "--num-samples", "64", "--image-size", "32")
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """64 synthetic images at 32 px, prepared by the job as a user runs it (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("jobs") / "syn"
+    return out, run_job("jobs/prepare.py", "--source", "synthetic", "--out", str(out), "--num-samples", "64", "--image-size", "32")
+
+
+def test_prepare_synthetic_writes_three_splits_and_a_result_line(prepared):
+    out, p = prepared
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["job"] == "prepare" and result["output"] == str(out.resolve()) and result["checkpoint"] is None
@@ -89,12 +95,10 @@ def test_checkpoint_paths_are_made_absolute_for_train_workers(tmp_path, monkeypa
         StageCheckpoint.find(rel)
 
 
-def test_a_training_job_prints_exactly_its_result_line_on_stdout(tmp_path):
+def test_a_training_job_prints_exactly_its_result_line_on_stdout(prepared, tmp_path):
     """Progress and logs go to stderr; stdout is the JSON result line alone (here: a 4-step encoder), and
     stderr carries no Ray internals."""
-    data = tmp_path / "data"
-    p = run_job("jobs/prepare.py", "--source", "synthetic", "--out", str(data), "--num-samples", "48", "--image-size", "32")
-    assert p.returncode == 0, p.stderr[-2000:]
+    data, _ = prepared
     p = run_job("jobs/encoder.py", "--data", str(data), "--storage", str(tmp_path / "runs"), "--set", "data.image_size=32",
                 "--set", "encoder.width=4", "--set", "encoder.depth=2", "--set", "encoder.batch_size=8",
                 "--set", "encoder.max_steps=4", "--set", "encoder.eval_every=2", "--set", "encoder.log_every=1")
