@@ -123,13 +123,14 @@ def quiet_libraries(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
                             module="transformers.modeling_utils")
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:
-        # Ray Train V2 logs every report on a logger named after its file, which LoggingConfig does not reach.
-        from ray.train.v2._internal.execution import context as train_context
+    if "ray.train" in sys.modules:  # inside a train worker; never import Ray just for this (the CLI starts fast)
+        try:
+            # Ray Train V2 logs every report on a logger named after its file, which LoggingConfig does not reach.
+            from ray.train.v2._internal.execution import context as train_context
 
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # another Ray layout: nothing to silence
-        pass
+            logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+        except ImportError:  # another Ray layout: nothing to silence
+            pass
     try:
         import transformers
 

@@ -27,11 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def _prepare_out(storage: str | Path, name: str, cfg: Config, data: str | Path | None = None) -> StepOutput:
-    """Check the dataset a user gives before anything slow starts, then make the output folder."""
+    """Check the dataset a user gives before anything slow starts, connect to Ray (before Ray Data would start
+    a default instance of its own), then make the output folder."""
+    from mavilt.raycluster import ensure_ray
+
     if data is not None:
         from mavilt.data.shards import check_dataset
 
         check_dataset(data)
+    ensure_ray()
     out = StepOutput(Path(storage).resolve() / name)
     out.root.mkdir(parents=True, exist_ok=True)
     cfg.save(out.config)
