@@ -37,9 +37,34 @@ _RAY_CORE_NOISE = re.compile(
 )
 
 
+# Ray Data's file-listing pool races at shutdown and prints a thread's InterruptedError traceback.
+_RAY_DATA_SIGNALER = re.compile(r"^Exception in thread pool-\d+/completion-signaler:")
+
+
+def drop_ray_noise(lines: list[str]) -> list[str]:
+    """``lines`` without :data:`_RAY_CORE_NOISE` lines and without Ray Data's completion-signaler traceback
+    (from its header through its ``InterruptedError``; a line that is not part of it ends the block)."""
+    out: list[str] = []
+    in_block = False
+    for line in lines:
+        if in_block:
+            if line.strip() == "InterruptedError":
+                in_block = False
+                continue
+            if line.startswith(("Traceback", " ")):
+                continue
+            in_block = False
+        if _RAY_DATA_SIGNALER.search(line):
+            in_block = True
+            continue
+        if not _RAY_CORE_NOISE.search(line):
+            out.append(line)
+    return out
+
+
 def filter_worker_logs() -> None:
-    """Drop :data:`_RAY_CORE_NOISE` from the worker output Ray forwards to this driver; everything else (the
-    user's own workers' warnings and errors included) passes. Ray exposes no setting for these lines, so this
+    """Drop :func:`drop_ray_noise`'s lines from the worker output Ray forwards to this driver; everything else
+    (the user's own workers' warnings and errors included) passes. Ray exposes no setting for these lines, so this
     wraps its log dispatcher (a private interface: without it, nothing is filtered)."""
     try:
         import functools
@@ -54,7 +79,7 @@ def filter_worker_logs() -> None:
         return
 
     def print_filtered(data: dict[str, Any], printer=printers[0]) -> None:
-        lines = [line for line in data.get("lines", []) if not _RAY_CORE_NOISE.search(line)]
+        lines = drop_ray_noise(list(data.get("lines", [])))
         if lines:
             printer({**data, "lines": lines})
 
