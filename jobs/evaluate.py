@@ -15,9 +15,9 @@ from mavilt.eval.evaluate import run_evaluate  # noqa: E402
 
 def main(argv=None) -> None:
     p = job_parser(__doc__)
-    p.add_argument("--checkpoint", required=True, help="a model bundle (runs/<name>/stage2/bundle)")
-    p.add_argument("--data", required=True, help="a dataset written by jobs/prepare.py")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", required=True, help="a model bundle (runs/<name>/stage2/bundle), a folder or a URI")
+    p.add_argument("--data", required=True, help="a dataset written by jobs/prepare.py (a folder or a URI)")
+    p.add_argument("--out", required=True, help="output folder or URI")
     p.add_argument("--split", choices=["train", "validate", "test"], help="default: eval.split of the bundle's config")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

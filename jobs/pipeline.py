@@ -16,12 +16,12 @@ from mavilt.pipeline import run_pipeline  # noqa: E402
 
 def main(argv=None) -> None:
     p = job_parser(__doc__)
-    p.add_argument("--runs", default="runs", help="folder holding run directories")
+    p.add_argument("--runs", default="runs", help="folder or URI (s3://bucket/prefix) holding run directories")
     p.add_argument("--name", default="demo", help="run name: runs/<name>/<step>/")
     p.add_argument("--force", action="append", default=[], metavar="STEP", help="re-run STEP even if done")
     add_config_args(p)
     args = p.parse_args(argv)
-    run_job(lambda cfg: run_pipeline(cfg, Path(args.runs) / args.name, force=args.force), args)
+    run_job(lambda cfg: run_pipeline(cfg, f"{args.runs.rstrip('/')}/{args.name}", force=args.force), args)
 
 
 if __name__ == "__main__":

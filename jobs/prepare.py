@@ -17,8 +17,8 @@ from mavilt.data.prepare import SOURCES, run_prepare  # noqa: E402
 def main(argv=None) -> None:
     p = job_parser(__doc__)
     p.add_argument("--source", required=True, choices=sorted(SOURCES))
-    p.add_argument("--root", help="the source's top folder (the CSV file for --source csv)")
-    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--root", help="the source's top folder (the CSV file for --source csv); a URI is copied locally once")
+    p.add_argument("--out", required=True, help="output dataset folder or URI (s3://bucket/prefix)")
     p.add_argument("--num-samples", type=int, help="synthetic: how many images (default from the preset)")
     p.add_argument("--image-size", type=int, help="shortcut for --set data.image_size=PX")
     add_config_args(p)

@@ -127,9 +127,16 @@ def _device(spec: str):
     return spec
 
 
-def _check_bundle(path: str) -> Path:
-    p = Path(path)
-    if not p.is_dir():
+def _check_bundle(path: str):
+    from mavilt.errors import MavilError
+    from mavilt.storage import Location
+
+    try:
+        p = Location.of(path)
+        found = p.is_dir()
+    except MavilError as e:
+        raise CLIError(f"--bundle {path}: {e}") from None
+    if not found:
         raise CLIError(f"bundle folder not found: {path}")
     if not (p / MANIFEST_NAME).is_file():
         raise CLIError(f"{path} is not a model bundle (no {MANIFEST_NAME}); stage 2 writes one at "

@@ -4,13 +4,17 @@ A directory with ``mavilt.json`` (format version, preset, config, code version, 
 size, and relative paths) and, beside it, ``vqgan/``, ``encoder/`` (when known), ``tokenizer/``, and the LLM
 as full Hugging Face weights (``llm/``) or as theta_0 (``theta0/``: base reference + new rows) plus a LoRA
 adapter (``adapter/``). :func:`load_bundle` is the only loader.
+
+A bundle may live on local disk or on a store (:mod:`mavilt.storage`). ``mavilt.json`` is its publication
+marker: written last, removed first when a bundle is replaced, and it records the hash of every file, so a
+bundle on a store is copied into the local cache once per content and loaded from there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +25,9 @@ import torch
 from mavilt.checkpoints import StageCheckpoint, Theta0Files
 from mavilt.config import Config, config_from_dict
 from mavilt.errors import BundleError
+from mavilt.hashing import content_hash
 from mavilt.llm.vocab import JointVocab
+from mavilt.storage import Location, local_dir, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +36,20 @@ MANIFEST = "mavilt.json"
 PARTS = ("vqgan", "encoder", "tokenizer", "llm", "adapter", "theta0")  # the manifest's "paths" keys
 
 
-def write_bundle(out: Path, stage2: StageCheckpoint, vqgan_dir: Path, encoder_dir: Path | None, cfg: Config) -> Path:
-    """Assemble a bundle from the best stage-2 checkpoint and the tokenizer (and encoder) it was trained with."""
+def write_bundle(out: Path | Location, stage2: StageCheckpoint, vqgan_dir: Path | Location,
+                 encoder_dir: Path | Location | None, cfg: Config) -> Location:
+    """Assemble a bundle from the best stage-2 checkpoint and the tokenizer (and encoder) it was trained with,
+    in a local folder, and publish it at ``out`` (a local path or a URI)."""
+    with tempfile.TemporaryDirectory(prefix="mavilt-bundle-") as tmp:
+        _assemble(Path(tmp), stage2, vqgan_dir, encoder_dir, cfg)
+        return publish_dir(tmp, out, MANIFEST)
+
+
+def _assemble(tmp: Path, stage2: StageCheckpoint, vqgan_dir, encoder_dir, cfg: Config) -> None:
     from mavilt.llm.checkpoint import read_vocab
     from mavilt.runs import code_version
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    sources = {"vqgan": Path(vqgan_dir), "encoder": encoder_dir, "tokenizer": stage2.tokenizer}
+    sources = {"vqgan": vqgan_dir, "encoder": encoder_dir, "tokenizer": stage2.tokenizer}
     if stage2.is_lora:
         sources.update(adapter=stage2.adapter, theta0=stage2.theta0.root)
     else:
@@ -47,7 +57,7 @@ def write_bundle(out: Path, stage2: StageCheckpoint, vqgan_dir: Path, encoder_di
     paths: dict[str, str | None] = {part: None for part in PARTS}
     for part, src in sources.items():
         if src is not None:
-            shutil.copytree(src, tmp / part)
+            Location.of(src).download(tmp / part)
             paths[part] = part
     vocab = read_vocab(stage2)
     manifest = {
@@ -58,17 +68,15 @@ def write_bundle(out: Path, stage2: StageCheckpoint, vqgan_dir: Path, encoder_di
         "vocab": vocab.to_dict(),
         "paths": paths,
         "source_checkpoint": str(stage2.root),
+        "content_hash": content_hash(tmp, recursive=True),  # so a copy in a cache is keyed by content
         "config": cfg.to_dict(),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
 
 
 @dataclass
 class Bundle:
-    path: Path
+    path: Path  # the local folder it was loaded from (a cached copy when it lives on a store)
     config: Config
     vocab: JointVocab
     image_size: int
@@ -177,15 +185,17 @@ class Bundle:
         return dataclasses.replace(self.config.generate, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def load_bundle(path: str | Path, device: str | torch.device | None = None) -> Bundle:
-    """Load a bundle written by stage 2 (``runs/<name>/stage2/bundle``)."""
+def load_bundle(path: str | Path | Location, device: str | torch.device | None = None) -> Bundle:
+    """Load a bundle written by stage 2 (``runs/<name>/stage2/bundle``, on local disk or a URI)."""
     from mavilt.llm.checkpoint import load_tokenizer
     from mavilt.tokenizer.model import VQGAN
 
-    p = Path(path)
+    where = Location.of(path)
+    if not (where / MANIFEST).is_file():
+        raise BundleError(f"{where} is not a model bundle (no {MANIFEST}); stage 2 writes one at "
+                          "runs/<name>/stage2/bundle")
+    p = local_dir(where, key_file=MANIFEST)
     mf = p / MANIFEST
-    if not mf.exists():
-        raise BundleError(f"{p} is not a model bundle (no {MANIFEST}); stage 2 writes one at runs/<name>/stage2/bundle")
     try:
         manifest = json.loads(mf.read_text())
     except json.JSONDecodeError as e:

@@ -11,9 +11,10 @@ config to load them::
     stage1/stage2   llm/ (full HF weights) or adapter/ (LoRA over theta_0)   tokenizer/   vocab.json   theta0/
                     deepspeed/ (DeepSpeed's own shards, strategy=deepspeed)
 
-Readers ask these classes for paths; ``find`` accepts a checkpoint or the model folder inside it, returns
-absolute paths (train workers run in their own working directory) and fails with one message naming what is
-missing and which job writes it. Nothing here imports torch, so a bad path fails fast.
+Readers ask these classes for paths; ``find`` accepts a checkpoint or the model folder inside it, on local disk
+or on a store, returns :class:`~mavilt.storage.Location` s (local paths made absolute: train workers run in
+their own working directory; loaders take ``storage.local_dir`` of them) and fails with one message naming
+what is missing and which job writes it. Nothing here imports torch, so a bad path fails fast.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mavilt.errors import CheckpointError
+from mavilt.storage import Location
 
 TRAIN_STATE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
@@ -43,7 +45,7 @@ class ModelFiles:
     def weights(self) -> str:
         return f"{self.stem}.pt"
 
-    def is_in(self, folder: Path) -> bool:
+    def is_in(self, folder: "Path | Location") -> bool:
         return (folder / self.meta).is_file()
 
 
@@ -51,6 +53,7 @@ VQGAN_FILES = ModelFiles("vqgan")
 ENCODER_FILES = ModelFiles("encoder")
 KMEANS_FILES = ModelFiles("kmeans")
 HF_CONFIG = "config.json"  # marks a Hugging Face model folder
+HF_TOKENIZER = "tokenizer.json"  # a fast tokenizer's one file
 
 
 class Part:
@@ -67,10 +70,11 @@ class Part:
 
 
 class Folder:
-    """A folder whose layout is declared with :class:`Part` attributes."""
+    """A folder whose layout is declared with :class:`Part` attributes: a local ``Path``, or a
+    :class:`~mavilt.storage.Location` (a local path or a URI) as given."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: "str | Path | Location"):
+        self.root = root if isinstance(root, Location) else Path(root)
 
 
 class TrainCheckpoint(Folder):
@@ -81,12 +85,12 @@ class TrainCheckpoint(Folder):
     code_version_file = Part(CODE_VERSION_FILE)
 
 
-def _find_model(path: str | Path, sub: str, files: ModelFiles, what: str, written_by: str) -> Path:
-    """``path/sub`` or ``path`` itself, whichever holds the model, made absolute."""
-    p = Path(path)
+def _find_model(path: str | Path | Location, sub: str, files: ModelFiles, what: str, written_by: str) -> Location:
+    """``path/sub`` or ``path`` itself, whichever holds the model (a local path made absolute, or a URI)."""
+    p = Location.of(path)
     for cand in (p / sub, p):
         if files.is_in(cand):
-            return cand.resolve()
+            return cand
     step = written_by.split("/")[-1].removesuffix(".py")
     raise CheckpointError(f"{what} {p} holds no {sub}/{files.meta}; pass a checkpoint written by {written_by} "
                           f"(runs/<name>/{step}/checkpoint_*) or its {sub}/ folder")
@@ -98,7 +102,7 @@ class EncoderCheckpoint(TrainCheckpoint):
     encoder = Part("encoder")
 
     @staticmethod
-    def find_model(path: str | Path, what: str = "encoder checkpoint") -> Path:
+    def find_model(path: str | Path | Location, what: str = "encoder checkpoint") -> Location:
         return _find_model(path, "encoder", ENCODER_FILES, what, "jobs/encoder.py")
 
 
@@ -110,13 +114,13 @@ class VQGANCheckpoint(TrainCheckpoint):
     recon_grid = Part("recon.png")
 
     @staticmethod
-    def find_model(path: str | Path, what: str = "tokenizer checkpoint") -> Path:
+    def find_model(path: str | Path | Location, what: str = "tokenizer checkpoint") -> Location:
         return _find_model(path, "vqgan", VQGAN_FILES, what, "jobs/vqgan.py")
 
     @staticmethod
-    def phi_beside(vqgan_model: Path) -> Path | None:
+    def phi_beside(vqgan_model: Path | Location) -> Location | None:
         """The phi a VQ-GAN checkpoint carries next to its model folder, when it has one."""
-        cand = Path(vqgan_model).parent / "encoder"
+        cand = Location.of(vqgan_model).parent / "encoder"
         return cand if ENCODER_FILES.is_in(cand) else None
 
 
@@ -127,9 +131,9 @@ class TextLMCheckpoint(TrainCheckpoint):
     tokenizer = Part("tokenizer")
 
     @classmethod
-    def find_lm(cls, path: str | Path) -> tuple[Path, Path]:
+    def find_lm(cls, path: str | Path | Location) -> tuple[Location, Location]:
         """(model folder, tokenizer folder) of a text-pretraining checkpoint or of a plain HF model folder."""
-        p = Path(path).resolve()
+        p = Location.of(path)
         ck = cls(p)
         if (ck.llm / HF_CONFIG).is_file():
             return ck.llm, (ck.tokenizer if ck.tokenizer.is_dir() else ck.llm)
@@ -157,6 +161,7 @@ class StageCheckpoint(TrainCheckpoint):
     vocabulary, theta_0, and DeepSpeed's shards."""
 
     VOCAB = "vocab.json"
+    MODEL_PARTS = ("llm", "adapter", "tokenizer", VOCAB, "theta0")  # what starting from it needs
     llm = Part("llm")  # full Hugging Face weights (ZeRO-3 shards consolidated on rank 0)
     adapter = Part("adapter")  # or: the LoRA adapter over theta_0
     tokenizer = Part("tokenizer")
@@ -184,8 +189,8 @@ class StageCheckpoint(TrainCheckpoint):
         return out
 
     @classmethod
-    def find(cls, path: str | Path, what: str = "--init-checkpoint") -> "StageCheckpoint":
-        ck = cls(Path(path).resolve())
+    def find(cls, path: str | Path | Location, what: str = "--init-checkpoint") -> "StageCheckpoint":
+        ck = cls(Location.of(path))
         missing = ck.missing()
         if missing:
             raise CheckpointError(f"{what} {ck.root} is not a stage checkpoint (missing {', '.join(missing)}); pass a "

@@ -32,8 +32,9 @@ def job_parser(doc: str | None) -> argparse.ArgumentParser:
 def training_parser(doc: str | None, default_name: str) -> argparse.ArgumentParser:
     """The arguments every training job shares: --data, --storage, --name, --config, --set, --debug."""
     p = job_parser(doc)
-    p.add_argument("--data", required=True, help="a dataset written by jobs/prepare.py")
-    p.add_argument("--storage", required=True, help="folder for runs (checkpoints land in STORAGE/NAME)")
+    p.add_argument("--data", required=True, help="a dataset written by jobs/prepare.py (a folder or a URI)")
+    p.add_argument("--storage", required=True,
+                   help="folder or URI (s3://bucket/prefix, gs://...) for runs: checkpoints land in STORAGE/NAME")
     p.add_argument("--name", default=default_name, help="run name; re-running with the same name resumes")
     add_config_args(p)
     return p

@@ -245,11 +245,11 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
-        return path
+    def save(self, path):
+        """Write the YAML to a local path or a URI (:class:`mavilt.storage.Location`)."""
+        from mavilt.storage import Location
+
+        return Location.of(path).write_text(self.to_yaml())
 
     def hash(self, *sections: str) -> str:
         """Stable hash of the whole config, or of the named sections only."""

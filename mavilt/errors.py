@@ -29,3 +29,7 @@ class BundleError(MavilError, ValueError):
 
 class InputError(MavilError, ValueError):
     """Bad input to a job: a path that does not exist, an argument out of range, an unreadable file."""
+
+
+class StorageError(MavilError, OSError):
+    """A storage location that cannot be opened, read or written (a missing bucket, missing credentials)."""

@@ -21,10 +21,12 @@ def config_hash(parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:HASH_CHARS]
 
 
-def content_hash(directory: str | Path) -> str:
+def content_hash(directory: str | Path, recursive: bool = False) -> str:
+    """Of the folder's files (``recursive``: of every file below it, by relative path)."""
     d = Path(directory)
     h = hashlib.sha256()
-    for name in sorted(p.name for p in d.iterdir() if p.is_file()):
+    files = (p for p in (d.rglob("*") if recursive else d.iterdir()) if p.is_file())
+    for name in sorted(p.relative_to(d).as_posix() for p in files):
         h.update(name.encode())
         with open(d / name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -1,7 +1,8 @@
 """The main job: prepare -> encoder -> vqgan -> pretrain_text -> stage1 -> stage2 -> evaluate, in one Ray session.
 
-Each step writes ``<run>/<step>/result.json`` (the job's JSON result line). A step is skipped when that file
-exists with the same config hash; the hash of a step covers its own config sections and the hashes of the
+Each step writes ``<run>/<step>/result.json`` (the job's JSON result line), last. The run folder may be local
+or a URI (:mod:`mavilt.storage`); steps chain across URIs exactly as across folders. A step is skipped when
+that file exists with the same config hash; the hash of a step covers its own config sections and the hashes of the
 steps it reads from, so changing the VQ-GAN re-runs everything downstream of it and nothing upstream.
 """
 
@@ -19,6 +20,7 @@ from mavilt.console import progress
 from mavilt.errors import InputError
 from mavilt.hashing import config_hash
 from mavilt.runs import StepOutput, read_result, write_json
+from mavilt.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -30,48 +32,48 @@ class Step:
     name: str
     sections: tuple[str, ...]  # config sections the step depends on
     needs: tuple[str, ...]  # earlier steps whose outputs it reads
-    run: Callable[[Config, Path, Results], dict[str, Any]]  # (cfg, step dir, upstream results) -> result
+    run: Callable[[Config, Location, Results], dict[str, Any]]  # (cfg, step dir, upstream results) -> result
 
 
-def _prepare(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+def _prepare(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     from mavilt.data.prepare import run_prepare
 
     return run_prepare("synthetic", out, cfg)
 
 
-def _encoder(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+def _encoder(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     from mavilt.train.steps import run_encoder
 
     return run_encoder(cfg, results["prepare"]["output"], out.parent, out.name)
 
 
-def _vqgan(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+def _vqgan(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     from mavilt.train.steps import run_vqgan
 
     return run_vqgan(cfg, results["prepare"]["output"], out.parent, out.name, results["encoder"]["checkpoint"])
 
 
-def _pretrain_text(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+def _pretrain_text(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     from mavilt.train.steps import run_pretrain_text
 
     return run_pretrain_text(cfg, results["prepare"]["output"], out.parent, out.name)
 
 
-def _stage1(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+def _stage1(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     from mavilt.train.steps import run_stage
 
     init = results["pretrain_text"]["checkpoint"] or cfg.llm.base  # a real LM needs no text pretraining
     return run_stage("stage1", cfg, results["prepare"]["output"], results["vqgan"]["checkpoint"], init, out.parent, out.name)
 
 
-def _stage2(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+def _stage2(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     from mavilt.train.steps import run_stage
 
     return run_stage("stage2", cfg, results["prepare"]["output"], results["vqgan"]["checkpoint"],
                      results["stage1"]["checkpoint"], out.parent, out.name, encoder_checkpoint=results["encoder"]["checkpoint"])
 
 
-def _evaluate(cfg: Config, out: Path, results: Results) -> dict[str, Any]:
+def _evaluate(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     from mavilt.eval.evaluate import run_evaluate
 
     return run_evaluate(results["stage2"]["checkpoint"], results["prepare"]["output"], out)
@@ -95,7 +97,7 @@ def step_hash(cfg: Config, step: Step, results: Results) -> str:
     return config_hash({"step": step.name, "config": cfg.hash(*step.sections), "upstream": upstream})
 
 
-def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = None, steps: list[Step] | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] | None = None, steps: list[Step] | None = None) -> dict[str, Any]:
     """Run (or resume) every step; prints a progress line per step and a summary table at the end."""
     from mavilt.raycluster import ensure_ray
     from mavilt.runs import finish
@@ -105,8 +107,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = Non
     unknown = force - {s.name for s in steps}
     if unknown:
         raise InputError(f"--force {sorted(unknown)}: no such step; steps are {[s.name for s in steps]}")
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Location.of(run_dir).mkdir()
     cfg.save(run_dir / "config.yaml")
     ensure_ray()
     results: Results = {}
@@ -140,8 +141,8 @@ def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = Non
     metrics["steps"] = {name: {"status": status, "seconds": round(sec, 1)} for name, status, sec, _ in summary}
     metrics["seconds"] = round(total, 1)
     report = run_dir / "evaluate" / "report.md"
-    metrics["report"] = str(report) if report.exists() else None
-    if report.exists():
+    metrics["report"] = str(report) if report.is_file() else None
+    if metrics["report"]:
         progress(f"report: {report}")
     final = results.get(steps[-1].name, {})
     return finish("pipeline", run_dir, final.get("checkpoint"), metrics, step_hash(cfg, steps[-1], results))
@@ -150,17 +151,15 @@ def run_pipeline(cfg: Config, run_dir: str | Path, force: list[str] | None = Non
 STEP_HASH_FILE = ".pipeline_step_hash"
 
 
-def _clear_if_stale(out: Path, h: str) -> None:
+def _clear_if_stale(out: Location, h: str) -> None:
     """An interrupted step with the same config resumes (Ray Train restores its checkpoint); one left by an
     older config must not: clear it, so the new config trains from scratch."""
-    import shutil
-
     marker = out / STEP_HASH_FILE
-    if out.exists() and (not marker.exists() or marker.read_text().strip() != h):
-        if any(out.iterdir()):
+    if out.exists() and (not marker.is_file() or marker.read_text().strip() != h):
+        if out.iterdir():
             log.info("clearing %s: it holds a run of another config", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        out.remove()
+    out.mkdir()
     marker.write_text(h + "\n")
 
 

@@ -11,6 +11,7 @@ log = logging.getLogger(__name__)
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Initialise Ray once: join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start locally."""
     from mavilt.console import filter_worker_logs, prepare_environment
+    from mavilt.storage import credentials_env
 
     prepare_environment()  # before Ray is imported
     import ray
@@ -22,6 +23,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
     else:
         # Ray's own INFO lines (the dashboard's address, a new auth token) are not the user's business here.
-        ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING)
+        # Workers reach the same object store as this process (a cluster's nodes carry their own credentials).
+        ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": credentials_env()} if credentials_env() else None)
         log.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
     filter_worker_logs()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mavilt.checkpoints import Folder, Part
+from mavilt.storage import Location
 
 
 def _jsonable(x: Any) -> Any:
@@ -22,33 +22,28 @@ def _jsonable(x: Any) -> Any:
         return x.item()
     if isinstance(x, float) and x != x:
         return None  # NaN is not JSON
-    if isinstance(x, Path):
+    if isinstance(x, (Path, Location)):
         return str(x)
     return x
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (temp file + rename) so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+def write_json(path: str | Path | Location, obj: Any) -> Location:
+    """Write JSON whole (local: temp file + rename; a store: one PUT), so readers never see half a file."""
+    return Location.of(path).write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 def make_result(
     job: str,
-    output: str | Path,
-    checkpoint: str | Path | None,
+    output: str | Path | Location,
+    checkpoint: str | Path | Location | None,
     metrics: dict[str, Any],
     config_hash: str,
 ) -> dict[str, Any]:
     return _jsonable(
         {
             "job": job,
-            "output": str(Path(output).resolve()),
-            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+            "output": Location.of(output).uri,
+            "checkpoint": Location.of(checkpoint).uri if checkpoint else None,
             "metrics": metrics,
             "config_hash": config_hash,
         }
@@ -57,22 +52,27 @@ def make_result(
 
 def finish(
     job: str,
-    output: str | Path,
-    checkpoint: str | Path | None,
+    output: str | Path | Location,
+    checkpoint: str | Path | Location | None,
     metrics: dict[str, Any],
     config_hash: str,
+    folder: str | Path | Location | None = None,
 ) -> dict[str, Any]:
-    """Write ``metrics.json`` and ``result.json`` under ``output``; the job entry point prints the result line."""
+    """Write ``metrics.json`` and then ``result.json`` (a finished step's marker) under ``output``, or under
+    ``folder`` when the step publishes its output from a local folder; the job entry point prints the line."""
     result = make_result(job, output, checkpoint, metrics, config_hash)
-    out = StepOutput(output)
+    out = StepOutput(folder if folder is not None else output)
     write_json(out.metrics, result["metrics"])
     write_json(out.result, result)
     return result
 
 
 class StepOutput(Folder):
-    """A step's output folder (``runs/<name>/<step>/``): Ray Train's ``checkpoint_*`` folders, and beside them
-    what the step writes itself."""
+    """A step's output folder (``runs/<name>/<step>/``, or a URI): Ray Train's ``checkpoint_*`` folders, and
+    beside them what the step writes itself. ``result.json`` is written last: a step with one has finished."""
+
+    def __init__(self, root: str | Path | Location):
+        self.root = Location.of(root)
 
     result = Part("result.json")
     metrics = Part("metrics.json")
@@ -83,13 +83,13 @@ class StepOutput(Folder):
     bundle = Part("bundle")  # stage2: the model bundle made from the best checkpoint
 
 
-def read_result(step_dir: str | Path) -> dict[str, Any] | None:
+def read_result(step_dir: str | Path | Location) -> dict[str, Any] | None:
     p = StepOutput(step_dir).result
-    if not p.exists():
+    if not p.is_file():
         return None
     try:
         return json.loads(p.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,22 @@ IU_REPORTS = REPO / ".cache" / "iu_xray" / "ecgen-radiology"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The storage tests talk to a real S3 API on loopback (moto's server, started by the `s3` fixture on first use).
+# The standard AWS variables are set here, before any Ray instance starts, so every Ray worker reaches the same
+# store the way a user's would; they replace any the developer has set, so no test can touch a real bucket.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1")
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
 
 from mavilt.console import prepare_environment  # noqa: E402
 
@@ -47,3 +68,42 @@ def tiny_cfg():
     from mavilt.config import load_config
 
     return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on loopback, shared by the whole test run."""
+    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto's S3 server did not start on port {port}")
+            time.sleep(0.2)
+    yield S3_ENDPOINT
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def new_bucket() -> str:
+    """Create a fresh, empty bucket on the test S3 server: its ``s3://`` URI (the bucket must exist first, as
+    on any real store; the project never creates buckets)."""
+    import pyarrow.fs as pafs
+
+    bucket = f"mavilt-test-{uuid.uuid4().hex[:10]}"
+    fs = pafs.S3FileSystem(endpoint_override=S3_ENDPOINT, scheme="http", region="us-east-1", access_key="testing",
+                           secret_key="testing", allow_bucket_creation=True)
+    fs.create_dir(bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture
+def s3(s3_server) -> str:
+    """A fresh, empty bucket: its ``s3://`` URI."""
+    return new_bucket()

@@ -83,10 +83,12 @@ def test_checkpoint_paths_are_made_absolute_for_train_workers(tmp_path, monkeypa
         (ckpt / sub / marker).write_text("{}")
     monkeypatch.chdir(tmp_path)
     rel = Path("runs/demo/checkpoint_1")
-    assert EncoderCheckpoint.find_model(rel) == ckpt / "encoder" and EncoderCheckpoint.find_model(rel).is_absolute()
-    assert VQGANCheckpoint.find_model(rel) == ckpt / "vqgan" and VQGANCheckpoint.find_model(rel / "vqgan").is_absolute()
+    # Found folders are Locations (a local path or a URI); local ones are absolute.
+    assert EncoderCheckpoint.find_model(rel).local_path == ckpt / "encoder"
+    assert VQGANCheckpoint.find_model(rel).local_path == ckpt / "vqgan"
+    assert VQGANCheckpoint.find_model(rel / "vqgan").local_path == ckpt / "vqgan"
     model_dir, tok_dir = TextLMCheckpoint.find_lm(rel)
-    assert model_dir == ckpt / "llm" and tok_dir.is_absolute()
+    assert model_dir.local_path == ckpt / "llm" and tok_dir.local_path.is_absolute()
     with pytest.raises(CheckpointError, match="holds no encoder/encoder.json"):
         EncoderCheckpoint.find_model(Path("runs/demo"))
     # A text-pretraining checkpoint is not a stage checkpoint: the message names every missing part.

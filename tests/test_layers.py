@@ -69,3 +69,12 @@ def test_no_library_file_is_over_700_lines():
     long = {str(f.relative_to(PACKAGE.parent)): n for f in PACKAGE.rglob("*.py")
             if (n := len(f.read_text().splitlines())) > 700}
     assert not long, long
+
+
+def test_files_on_stores_are_opened_in_one_module():
+    """Only mavilt/storage.py opens a filesystem (``pyarrow.fs``) or a Parquet file by path: everything else
+    takes local paths and URIs alike through it."""
+    offenders = [f"{f.relative_to(PACKAGE.parent)} imports {name}" for f in sorted(PACKAGE.rglob("*.py"))
+                 if f != PACKAGE / "storage.py"
+                 for name in sorted(imported_modules(f)) if _forbidden(name, ("pyarrow.fs", "pyarrow.parquet"))]
+    assert not offenders, offenders

@@ -8,11 +8,16 @@ A source has two halves:
 - ``convert(record, params) -> row``: runs in Ray Data tasks, reads the pixels and the report and returns one
   schema row, or raises :class:`SkipRecord` with a fixed reason.
 
-Conversion tasks write their own Parquet files (``<split>/part-<first record>.parquet``) into a temporary
-folder and return only counts: this streams datasets far larger than the object store, keeps file names
-deterministic, and lets us count skip reasons without a second pass. When every task has finished, the split
-folders are swapped into place and ``manifest.json`` is written last, so a dataset with a manifest is always
-complete and a re-run replaces, never duplicates.
+Conversion tasks write their own Parquet files (``<split>/part-<first record>.parquet``, each written whole)
+and return only counts: this streams datasets far larger than the object store, keeps file names
+deterministic, and lets us count skip reasons without a second pass. The output may be a local folder or a
+URI (:mod:`mavilt.storage`), where nothing can be renamed into place atomically, so ``manifest.json`` is the
+dataset's publication marker: it is removed before anything else is touched, the old splits and code cache
+go, the new parts are written, and the manifest comes last. Readers refuse a folder without one, and a
+dataset whose writer was killed is replaced by the next run, never read or duplicated.
+
+A ``--root`` on an object store is copied once into the local cache before scanning (the sources read local
+files).
 """
 
 from __future__ import annotations
@@ -20,24 +25,21 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import json
 import math
-import os
-import shutil
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow.parquet as pq
-
 from mavilt.config import Config
 from mavilt.data.images import SkipRecord
-from mavilt.data.shards import SCHEMA_VERSION, SPLITS, rows_to_table
+from mavilt.data.shards import MANIFEST, SCHEMA_VERSION, SPLITS, rows_to_table
 from mavilt.errors import InputError
 from mavilt.hashing import config_hash
 from mavilt.runs import write_json
+from mavilt.storage import Location, is_remote, local_dir, read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +93,13 @@ def convert_records(records: list[dict[str, Any]], params: PrepareParams) -> tup
     return rows, skipped
 
 
-def _write_split_files(rows: list[dict[str, Any]], out_dir: Path, part: str) -> dict[str, int]:
+def _write_split_files(rows: list[dict[str, Any]], out_dir: Location, part: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for split in SPLITS:
         split_rows = [r for r in rows if r["split"] == split]
         if not split_rows:
             continue
-        d = out_dir / split
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{part}.parquet.tmp"
-        pq.write_table(rows_to_table(split_rows), tmp)
-        os.replace(tmp, d / f"{part}.parquet")
+        write_parquet(rows_to_table(split_rows), out_dir / split / f"{part}.parquet")
         counts[split] = len(split_rows)
     return counts
 
@@ -109,9 +107,9 @@ def _write_split_files(rows: list[dict[str, Any]], out_dir: Path, part: str) -> 
 class _ConvertAndWrite:
     """Ray Data batch function: convert a batch of records and write its rows; returns one stats row."""
 
-    def __init__(self, params: PrepareParams, out_dir: str):
+    def __init__(self, params: PrepareParams, out_dir: str | Location):
         self.params = params
-        self.out_dir = Path(out_dir)
+        self.out_dir = Location.of(out_dir)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         records = [dict(zip(batch.keys(), vals)) for vals in zip(*batch.values())]
@@ -134,8 +132,6 @@ def _plain(v: Any) -> Any:
 
 
 def json_dumps(x: Any) -> str:
-    import json
-
     return json.dumps(x, sort_keys=True)
 
 
@@ -147,14 +143,12 @@ def prepare_dataset(
     num_samples: int | None = None,
     use_ray: bool = True,
 ) -> dict[str, Any]:
-    """Convert ``source`` (rooted at ``root``) into ``out``; returns the manifest."""
-    import json
-
+    """Convert ``source`` (rooted at ``root``) into ``out`` (a local folder or a URI); returns the manifest."""
     t0 = time.perf_counter()
-    out = Path(out)
+    out = Location.of(out)
     params = PrepareParams(
         source=source,
-        root=str(Path(root).resolve()) if root else None,
+        root=str(local_dir(root)) if root else None,
         image_size=cfg.data.image_size,
         bit_depth=cfg.data.bit_depth,
         seed=cfg.data.seed,
@@ -168,38 +162,28 @@ def prepare_dataset(
         r["_index"] = i
     log.info("%s: %d images to convert, %d inputs skipped while scanning", source, len(records), sum(scan.skipped.values()))
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".prepare-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    # Unpublish first (from here on readers refuse the folder), then clear what the old images made: the old
+    # splits and the image codes cached from them.
+    out.mkdir()
+    (out / MANIFEST).remove()
+    for stale in ("codes", *SPLITS):
+        (out / stale).remove()
     counts: Counter = Counter()
     skipped: Counter = Counter(scan.skipped)
-    try:
-        if records:
-            if use_ray:
-                stats = _convert_with_ray(records, params, tmp, cfg)
-            else:
-                stats = []
-                per_file = cfg.data.rows_per_file
-                for start in range(0, len(records), per_file):
-                    stats.append(_ConvertAndWrite(params, str(tmp))(_columns(records[start : start + per_file])))
-                stats = [{k: v[0] for k, v in s.items()} for s in stats]
-            for s in stats:
-                counts.update(json.loads(s["counts"]))
-                skipped.update(json.loads(s["skipped"]))
-        # Swap into place: manifest first removed (the dataset is "being rewritten"), written again last. Image
-        # codes cached from the old images would be stale.
-        (out / "manifest.json").unlink(missing_ok=True)
-        shutil.rmtree(out / "codes", ignore_errors=True)
-        for split in SPLITS:
-            target = out / split
-            if target.exists():
-                shutil.rmtree(target)
-            if (tmp / split).exists():
-                os.replace(tmp / split, target)
-            else:
-                target.mkdir()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if records:
+        if use_ray:
+            stats = _convert_with_ray(records, params, out, cfg)
+        else:
+            stats = []
+            per_file = cfg.data.rows_per_file
+            for start in range(0, len(records), per_file):
+                stats.append(_ConvertAndWrite(params, out)(_columns(records[start : start + per_file])))
+            stats = [{k: v[0] for k, v in s.items()} for s in stats]
+        for s in stats:
+            counts.update(json.loads(s["counts"]))
+            skipped.update(json.loads(s["skipped"]))
+    for split in SPLITS:
+        (out / split).mkdir()
 
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -220,16 +204,16 @@ def prepare_dataset(
         },
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_json(out / "manifest.json", manifest)
+    write_json(out / MANIFEST, manifest)  # last: the dataset is published
     return manifest
 
 
-def _study_counts(out: Path) -> dict[str, int]:
+def _study_counts(out: Location) -> dict[str, int]:
     res = {}
     for split in SPLITS:
         ids = set()
-        for f in sorted((out / split).glob("*.parquet")):
-            ids.update(pq.read_table(f, columns=["study_id"]).column("study_id").to_pylist())
+        for f in (out / split).files(".parquet"):
+            ids.update(read_parquet(f, columns=["study_id"]).column("study_id").to_pylist())
         res[split] = len(ids)
     return res
 
@@ -239,9 +223,7 @@ def _columns(records: list[dict[str, Any]]) -> dict[str, list]:
     return {k: [r.get(k) for r in records] for k in keys}
 
 
-def _convert_with_ray(records: list[dict[str, Any]], params: PrepareParams, tmp: Path, cfg: Config) -> list[dict]:
-    import json
-
+def _convert_with_ray(records: list[dict[str, Any]], params: PrepareParams, out: Location, cfg: Config) -> list[dict]:
     import ray
     import ray.data
 
@@ -263,7 +245,7 @@ def _convert_with_ray(records: list[dict[str, Any]], params: PrepareParams, tmp:
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_batch)))
         ds = ds.map_batches(
             _decode_then_convert,
-            fn_kwargs={"params": dataclasses.asdict(params), "out_dir": str(tmp)},
+            fn_kwargs={"params": dataclasses.asdict(params), "out_dir": out},
             batch_size=per_batch,
             batch_format="numpy",
         )
@@ -272,12 +254,9 @@ def _convert_with_ray(records: list[dict[str, Any]], params: PrepareParams, tmp:
         ctx.op_resource_reservation_enabled = reserve
 
 
-def _decode_then_convert(batch: dict[str, Any], params: dict[str, Any], out_dir: str) -> dict[str, list]:
-    import json
-
+def _decode_then_convert(batch: dict[str, Any], params: dict[str, Any], out_dir: Location) -> dict[str, list]:
     records = [json.loads(s) for s in batch["record"]]
     return _ConvertAndWrite(PrepareParams(**params), out_dir)(_columns(records))
-
 
 
 def run_prepare(
@@ -292,9 +271,12 @@ def run_prepare(
 
     if source != "synthetic" and root is None:
         raise InputError(f"--source {source} needs --root pointing at the dataset's top folder")
-    if root is not None and not Path(root).exists():
+    if root is not None and not Location.of(root).exists():
         raise InputError(f"--root {root} does not exist; point it at the {source} dataset's top folder")
-    out = Path(out)
+    if root is not None and is_remote(root) and not Location.of(root).is_dir():
+        raise InputError(f"--root {root} is a file on a store: pass the folder holding it (it is copied locally "
+                         "with the images beside it)")
+    out = Location.of(out)
     manifest = prepare_dataset(source, out, cfg, root=root, num_samples=num_samples)
     cfg.save(out / "config.yaml")
     metrics = {

@@ -1,6 +1,6 @@
 """The one Parquet schema every source is converted to, and the readers every stage uses.
 
-Layout of a prepared dataset::
+Layout of a prepared dataset (a local folder or a URI; see :mod:`mavilt.storage`)::
 
     DIR/manifest.json
     DIR/train/*.parquet   DIR/validate/*.parquet   DIR/test/*.parquet
@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mavilt.data.images import decode_png
 from mavilt.data.labels import OBSERVATIONS
 from mavilt.errors import DatasetError
+from mavilt.storage import Location, ray_read_parquet, read_parquet
 
 SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"  # written last: the dataset's publication marker
 SPLITS: tuple[str, ...] = ("train", "validate", "test")
 
 VQA_TYPE = pa.struct(
@@ -58,32 +59,33 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
-def check_dataset(data_dir: str | Path) -> Path:
-    """Fail with one clear message when ``data_dir`` is not a prepared dataset."""
-    d = Path(data_dir)
+def check_dataset(data_dir: str | Path | Location) -> Location:
+    """Fail with one clear message when ``data_dir`` (a local folder or a URI) is not a prepared dataset.
+
+    ``manifest.json`` is written last, so a dataset without one is being written, or its writer died."""
+    d = Location.of(data_dir)
     if not d.is_dir():
         raise DatasetError(f"dataset directory {d} does not exist; create it with `python jobs/prepare.py --out {d}`")
-    if not (d / "manifest.json").exists():
+    if not (d / MANIFEST).is_file():
         raise DatasetError(
-            f"{d} has no manifest.json, so it is not a prepared dataset (or preparation did not finish); "
+            f"{d} has no {MANIFEST}, so it is not a prepared dataset (or preparation did not finish); "
             f"run `python jobs/prepare.py --out {d} ...`"
         )
     return d
 
 
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    return json.loads((check_dataset(data_dir) / "manifest.json").read_text())
+def read_manifest(data_dir: str | Path | Location) -> dict[str, Any]:
+    return json.loads((check_dataset(data_dir) / MANIFEST).read_text())
 
 
-def split_files(data_dir: str | Path, split: str) -> list[Path]:
+def split_files(data_dir: str | Path | Location, split: str) -> list[Location]:
     if split not in SPLITS:
         raise DatasetError(f"unknown split '{split}'; use one of {list(SPLITS)}")
-    d = check_dataset(data_dir) / split
-    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
-    return files
+    return (check_dataset(data_dir) / split).files(".parquet")
 
 
-def read_table(data_dir: str | Path, split: str, columns: list[str] | None = None, limit: int | None = None) -> pa.Table:
+def read_table(data_dir: str | Path | Location, split: str, columns: list[str] | None = None,
+               limit: int | None = None) -> pa.Table:
     """Read one split into memory (for evaluation, tests and small local work; training uses Ray Data)."""
     files = split_files(data_dir, split)
     if not files:
@@ -91,7 +93,7 @@ def read_table(data_dir: str | Path, split: str, columns: list[str] | None = Non
     tables = []
     n = 0
     for f in files:
-        t = pq.read_table(f, columns=columns, schema=SCHEMA if columns is None else None)
+        t = read_parquet(f, columns=columns, schema=SCHEMA if columns is None else None)
         tables.append(t)
         n += t.num_rows
         if limit is not None and n >= limit:
@@ -102,18 +104,17 @@ def read_table(data_dir: str | Path, split: str, columns: list[str] | None = Non
     return table.slice(0, limit) if limit is not None else table
 
 
-def read_rows(data_dir: str | Path, split: str, columns: list[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+def read_rows(data_dir: str | Path | Location, split: str, columns: list[str] | None = None,
+              limit: int | None = None) -> list[dict[str, Any]]:
     return read_table(data_dir, split, columns=columns, limit=limit).to_pylist()
 
 
-def ray_dataset(data_dir: str | Path, split: str, columns: list[str] | None = None):
-    """A Ray Data dataset over one split."""
-    import ray.data
-
+def ray_dataset(data_dir: str | Path | Location, split: str, columns: list[str] | None = None):
+    """A Ray Data dataset over one split (read through the dataset's own filesystem)."""
     files = split_files(data_dir, split)
     if not files:
         raise DatasetError(f"split '{split}' of {data_dir} has no Parquet files")
-    return ray.data.read_parquet([str(f) for f in files], columns=columns)
+    return ray_read_parquet(files, columns=columns)
 
 
 def images_array(png_column: Iterable[bytes]) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,7 @@ from mavilt.data.shards import images_array, one_image_per_study, read_rows, rep
 from mavilt.errors import DatasetError
 from mavilt.eval.predict import derangement, predict
 from mavilt.hashing import config_hash
+from mavilt.storage import Location, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -108,27 +110,32 @@ def paired_f1_diffs(y_true: np.ndarray, a_pred: np.ndarray, b_pred: np.ndarray, 
 def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg_overrides: list[str] | None = None,
                  split: str | None = None, limit: int | None = None) -> dict[str, Any]:
     from mavilt import load_bundle
-    from mavilt.runs import finish
+    from mavilt.runs import StepOutput, finish
 
     t0 = time.perf_counter()
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Location.of(out)
     bundle = load_bundle(bundle_path)
     cfg = bundle.config
     if cfg_overrides:
         cfg = bundle.config = cfg.with_overrides(cfg_overrides)
     split = split or cfg.eval.split
     limit = limit if limit is not None else cfg.eval.limit
-    cfg.save(out / "config.yaml")
-    ev = Evaluation(bundle, Path(bundle_path), Path(data), out, cfg, split, limit)
-    metrics = ev.run()
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    h = config_hash([str(bundle_path), str(data), split, limit, cfg.to_dict()["eval"]])
-    return finish("evaluate", out, None, metrics, h)
+    # Everything is written to a local folder first and published at `out` with result.json last: a reader
+    # never takes a half-written evaluation for a finished one, on local disk or on a store.
+    with tempfile.TemporaryDirectory(prefix="mavilt-evaluate-") as staging:
+        cfg.save(Path(staging) / "config.yaml")
+        ev = Evaluation(bundle, Location.of(bundle_path), Location.of(data), Path(staging), cfg, split, limit)
+        metrics = ev.run()
+        metrics["seconds"] = round(time.perf_counter() - t0, 1)
+        h = config_hash([str(bundle_path), str(data), split, limit, cfg.to_dict()["eval"]])
+        result = finish("evaluate", out, None, metrics, h, folder=staging)
+        publish_dir(staging, out, StepOutput.result.relative)
+    return result
 
 
 class Evaluation:
-    def __init__(self, bundle, bundle_path: Path, data: Path, out: Path, cfg: Config, split: str, limit: int | None):
+    def __init__(self, bundle, bundle_path: Location, data: Location, out: Path, cfg: Config, split: str,
+                 limit: int | None):
         self.b, self.bundle_path, self.data, self.out, self.cfg = bundle, bundle_path, data, out, cfg
         self.split, self.limit = split, limit
         self.ec = cfg.eval

@@ -10,7 +10,6 @@ or restarts codes, so usage is honest).
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,12 +84,12 @@ def recon_grid(inputs: torch.Tensor, recons: torch.Tensor) -> np.ndarray:
     return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
 
 
-def save_recon_grid(inputs: torch.Tensor, recons: torch.Tensor, path: str | Path) -> Path:
+def save_recon_grid(inputs: torch.Tensor, recons: torch.Tensor, path):
+    """Write the grid as a PNG to a local path or a URI."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from mavilt.storage import Location
+
     buf = io.BytesIO()
     Image.fromarray(recon_grid(inputs, recons), mode="L").save(buf, format="PNG")
-    path.write_bytes(buf.getvalue())
-    return path
+    return Location.of(path).write_bytes(buf.getvalue())

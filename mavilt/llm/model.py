@@ -15,6 +15,7 @@ from mavilt.checkpoints import Theta0Files
 from mavilt.config import LLMConfig
 from mavilt.errors import CheckpointError
 from mavilt.llm.vocab import JointVocab
+from mavilt.storage import Location, is_remote, local_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ def save_theta0(out: Theta0Files, base_dir: str | Path, model: torch.nn.Module, 
     if head is not None:
         rows["lm_head"] = head.weight.detach()[v:].clone().cpu()
     torch.save(rows, out.rows)
-    out.spec.write_text(json.dumps({"base": str(Path(base_dir).resolve()), "new_rows": out.ROWS, "vocab": vocab.to_dict()},
+    # The base by its local path or URI: whoever rebuilds theta_0 (a worker on another node, a server) opens it.
+    out.spec.write_text(json.dumps({"base": Location.of(base_dir).uri, "new_rows": out.ROWS, "vocab": vocab.to_dict()},
                                    indent=2))
 
 
@@ -169,7 +171,8 @@ def load_theta0_model(theta0: Theta0Files, cfg: LLMConfig) -> tuple[torch.nn.Mod
         raise CheckpointError(f"{theta0.root} holds no theta_0 ({theta0.SPEC} and {theta0.ROWS}); stage 1 writes it")
     spec = json.loads(theta0.spec.read_text())
     vocab = JointVocab.from_dict(spec["vocab"])
-    model, _ = load_lm(spec["base"], cfg.dtype, with_tokenizer=False)
+    base = spec["base"]  # a local path, a URI (copied to this node once) or a hub name
+    model, _ = load_lm(local_dir(base) if is_remote(base) else base, cfg.dtype, with_tokenizer=False)
     model.resize_token_embeddings(vocab.size, mean_resizing=False)
     rows = torch.load(theta0.root / spec["new_rows"], map_location="cpu")
     v = vocab.text_vocab_size

@@ -17,6 +17,7 @@ import torch
 
 from mavilt.checkpoints import TrainCheckpoint
 from mavilt.config import Config
+from mavilt.storage import Location
 
 
 @contextmanager
@@ -53,7 +54,7 @@ def report(
     write: Callable[[Path], None] | None = None,
     *,
     all_ranks_write: bool = False,
-    history: Path | None = None,
+    history: Location | None = None,
 ) -> None:
     """``ray.train.report`` with an optional checkpoint written by ``write(dir)``.
 
@@ -66,9 +67,7 @@ def report(
     rank = ray.train.get_context().get_world_rank()
     metrics = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()}
     if history is not None and rank == 0:
-        history.parent.mkdir(parents=True, exist_ok=True)
-        with open(history, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        history.append_text(json.dumps(metrics) + "\n")
     if write is None or (rank != 0 and not all_ranks_write):
         ray.train.report(metrics, checkpoint=None)
         return

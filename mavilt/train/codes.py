@@ -1,12 +1,16 @@
 """The code cache: every image tokenised once per (dataset, VQ-GAN checkpoint), and the LLM stages' datasets
 that read it.
 
-Layout (owned by :class:`CodeCache`): ``<dataset>/codes/<VQ-GAN content hash>/<split>/*.parquet`` with
-columns ``image_id, codes`` (list<int16>) and a ``_COMPLETE`` marker. It is built with Ray Data (an actor pool
-tasks, each process loading the VQ-GAN once, encoding batches) into a temporary folder and renamed into place
-when complete, so readers never see half a cache and two concurrent writers are harmless (the second rename
-finds the folder there and its copy is discarded). It lives on the training side: the data layer knows no
-models.
+Layout (owned by :class:`CodeCache`), on local disk or on a store like the dataset itself::
+
+    <dataset>/codes/<VQ-GAN content hash>/_COMPLETE                 the marker: which attempt is published
+    <dataset>/codes/<VQ-GAN content hash>/<attempt>/<split>/part-000000.parquet   image_id, codes (list<int16>)
+
+It is built with Ray Data tasks (each process loading the VQ-GAN once, encoding batches). Every build writes
+its own attempt folder and publishes it by writing the marker last, so readers never see half a cache (they
+read only the files the marker names), a writer killed half-way leaves an attempt nobody reads (removed by the
+next build), and two concurrent writers are harmless (the second finds the marker and drops its own copy). It
+lives on the training side: the data layer knows no models.
 
 Ray Data tasks with a per-process model cache rather than an actor pool: the pool's actors are restartable
 with their arguments in the object store, which Ray core reports as an error line at every start.
@@ -15,76 +19,90 @@ with their arguments in the object store, which Ray core reports as an error lin
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mavilt.data.shards import SPLITS, check_dataset, images_array, ray_dataset, split_files
 from mavilt.errors import DatasetError
 from mavilt.hashing import content_hash
+from mavilt.storage import Location, local_dir, ray_read_parquet, read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
 
 CODES_SCHEMA = pa.schema([("image_id", pa.string()), ("codes", pa.list_(pa.int16()))])
+PART = "part-000000.parquet"
 
 
 class CodeCache:
-    COMPLETE_MARKER = "_COMPLETE"
+    MARKER = "_COMPLETE"
 
-    def __init__(self, data_dir: str | Path, vqgan_dir: str | Path):
-        self.data_dir, self.vqgan_dir = Path(data_dir), Path(vqgan_dir)
-        self.root = self.data_dir / "codes" / content_hash(vqgan_dir)
+    def __init__(self, data_dir: str | Path | Location, vqgan_dir: str | Path | Location):
+        self.data_dir, self.vqgan_dir = Location.of(data_dir), Location.of(vqgan_dir)
+        self.root = self.data_dir / "codes" / content_hash(local_dir(self.vqgan_dir))
+
+    @property
+    def marker(self) -> Location:
+        return self.root / self.MARKER
+
+    def published(self) -> dict[str, Any] | None:
+        """The marker's record (attempt and files per split), or None when no build has finished."""
+        try:
+            record = json.loads(self.marker.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None  # no marker, or one from the layout before attempts: build again
+        return record if isinstance(record, dict) and "attempt" in record else None
 
     @property
     def complete(self) -> bool:
-        return (self.root / self.COMPLETE_MARKER).exists()
+        return self.published() is not None
 
-    def split_dir(self, split: str) -> Path:
-        return self.root / split
+    def split_files(self, split: str) -> list[Location]:
+        record = self.published()
+        if record is None:
+            raise DatasetError(f"the code cache {self.root} is not built; the LLM stages build it")
+        return [self.root / record["attempt"] / split / name for name in record["files"].get(split, [])]
 
-    def build(self, *, batch_size: int = 64, use_ray: bool = True) -> Path:
+    def build(self, *, batch_size: int = 64, use_ray: bool = True) -> Location:
         """Tokenise every split (a no-op when the cache is complete)."""
         check_dataset(self.data_dir)
         if self.complete:
             log.info("code cache %s is complete; reusing it", self.root)
             return self.root
-        tmp = self.root.parent / f".tmp-{self.root.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
-            for split in SPLITS:
-                files = split_files(self.data_dir, split)
-                (tmp / split).mkdir()
-                if not files:
-                    continue
+        attempt = f"attempt-{uuid.uuid4().hex[:12]}"
+        files: dict[str, list[str]] = {}
+        for split in SPLITS:
+            shards = split_files(self.data_dir, split)
+            files[split] = []
+            if shards:
                 encode = _encode_split_ray if use_ray else _encode_split_local
-                _write(encode(files, self.vqgan_dir, batch_size), tmp / split)
-            (tmp / self.COMPLETE_MARKER).write_text("ok\n")
-            try:
-                os.rename(tmp, self.root)  # atomic; fails if another writer got there first
-            except OSError:
-                if not self.complete:
-                    raise
-                log.info("another writer finished the code cache first; using theirs")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                _write(encode(shards, self.vqgan_dir, batch_size), self.root / attempt / split / PART)
+                files[split].append(PART)
+        if self.complete:
+            log.info("another writer finished the code cache first; using theirs")
+            (self.root / attempt).remove()
+            return self.root
+        self.marker.write_json({"attempt": attempt, "files": files, "vqgan": self.vqgan_dir.uri})
+        for entry in self.root.iterdir():  # attempts of writers that died before publishing
+            if entry.name not in (self.MARKER, attempt):
+                entry.remove()
         return self.root
 
     def load(self, split: str) -> dict[str, np.ndarray]:
         """image_id -> codes for one split (small enough to hold: N int16 per image)."""
-        return read_codes(self.split_dir(split))
+        return read_codes(self.split_files(split))
 
 
-def read_codes(split_dir: Path) -> dict[str, np.ndarray]:
+def read_codes(files: list[Location]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for f in sorted(split_dir.glob("*.parquet")):
-        t = pq.read_table(f)
+    for f in files:
+        t = read_parquet(f)
         ids = t.column("image_id").to_pylist()
         flat = t.column("codes").combine_chunks()
         n = len(flat.values) // max(len(ids), 1)
@@ -95,14 +113,15 @@ def read_codes(split_dir: Path) -> dict[str, np.ndarray]:
 
 @functools.lru_cache(maxsize=2)
 def _vqgan(vqgan_dir: str, threads: int):
-    """The VQ-GAN, loaded once per process (Ray reuses a worker process for the tasks of one job)."""
+    """The VQ-GAN, loaded once per process (Ray reuses a worker process for the tasks of one job), from a
+    local copy when it lives on a store."""
     import torch
 
     from mavilt.tokenizer.model import VQGAN
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a task given a GPU sees only that one
-    return VQGAN.from_pretrained(vqgan_dir, map_location=device).eval()
+    return VQGAN.from_pretrained(local_dir(vqgan_dir), map_location=device).eval()
 
 
 def encode_batch(batch: dict[str, Any], vqgan_dir: str, threads: int) -> dict[str, Any]:
@@ -116,7 +135,7 @@ def encode_batch(batch: dict[str, Any], vqgan_dir: str, threads: int) -> dict[st
     return {"image_id": batch["image_id"], "codes": list(codes)}
 
 
-def _encode_split_ray(files: list[Path], vqgan_dir: Path, batch_size: int) -> list[dict[str, Any]]:
+def _encode_split_ray(files: list[Location], vqgan_dir: Location, batch_size: int) -> list[dict[str, Any]]:
     import ray
     import ray.data
 
@@ -125,7 +144,7 @@ def _encode_split_ray(files: list[Path], vqgan_dir: Path, batch_size: int) -> li
     ensure_ray()
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     gpus = int(ray.available_resources().get("GPU", 0))
-    ds = ray.data.read_parquet([str(f) for f in files], columns=["image_id", "image"])
+    ds = ray_read_parquet(files, columns=["image_id", "image"])
     # Leave one CPU to the readers, or the encoders wait forever for PNGs nobody can read.
     encoders = max(1, min(gpus or cpus - 1, 8))
     ds = ds.map_batches(
@@ -140,10 +159,10 @@ def _encode_split_ray(files: list[Path], vqgan_dir: Path, batch_size: int) -> li
     return ds.take_all()
 
 
-def _encode_split_local(files: list[Path], vqgan_dir: Path, batch_size: int) -> list[dict[str, Any]]:
+def _encode_split_local(files: list[Location], vqgan_dir: Location, batch_size: int) -> list[dict[str, Any]]:
     rows = []
     for f in files:
-        t = pq.read_table(f, columns=["image_id", "image"]).to_pydict()
+        t = read_parquet(f, columns=["image_id", "image"]).to_pydict()
         for s in range(0, len(t["image_id"]), batch_size):
             b = encode_batch({"image_id": np.array(t["image_id"][s : s + batch_size], dtype=object),
                               "image": t["image"][s : s + batch_size]}, str(vqgan_dir), os.cpu_count() or 1)
@@ -151,27 +170,26 @@ def _encode_split_local(files: list[Path], vqgan_dir: Path, batch_size: int) -> 
     return rows
 
 
-def _write(rows: list[dict[str, Any]], out: Path) -> None:
+def _write(rows: list[dict[str, Any]], out: Location) -> None:
     table = pa.Table.from_pydict(
         {"image_id": [str(r["image_id"]) for r in rows], "codes": [np.asarray(r["codes"], dtype=np.int16).tolist() for r in rows]},
         schema=CODES_SCHEMA,
     )
-    pq.write_table(table, out / "part-000000.parquet")
+    write_parquet(table, out)
 
 
 # ---- the LLM stages' datasets ------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_codes(split_dir: Path, published_ns: int) -> dict[str, np.ndarray]:
-    """One split's map per process, keyed by when the cache was published (a rebuilt cache is read again)."""
-    return read_codes(split_dir)
+def _cached_codes(files: tuple[Location, ...]) -> dict[str, np.ndarray]:
+    """One split's map per process, keyed by the published files (a rebuilt cache is another attempt)."""
+    return read_codes(list(files))
 
 
-def attach_codes(batch: pa.Table, split_dir: str) -> pa.Table:
+def attach_codes(batch: pa.Table, files: tuple[Location, ...]) -> pa.Table:
     """Ray Data map: a ``codes`` column from the code cache, by image_id."""
-    d = Path(split_dir)
-    codes = _cached_codes(d, (d.parent / CodeCache.COMPLETE_MARKER).stat().st_mtime_ns)
+    codes = _cached_codes(tuple(files))
     ids = batch.column("image_id").to_pylist()
     missing = [i for i in ids if i not in codes]
     if missing:
@@ -180,7 +198,7 @@ def attach_codes(batch: pa.Table, split_dir: str) -> pa.Table:
     return batch.append_column("codes", pa.array([codes[i].tolist() for i in ids], type=pa.list_(pa.int16())))
 
 
-def stage_datasets(data: str | Path, cache: CodeCache | None, heldout: list[str]) -> dict[str, Any]:
+def stage_datasets(data: str | Path | Location, cache: CodeCache | None, heldout: list[str]) -> dict[str, Any]:
     """The Ray datasets of an LLM stage: training and validation rows with their cached codes attached (when
     the stage reads images), and the held-out text.
 
@@ -193,7 +211,7 @@ def stage_datasets(data: str | Path, cache: CodeCache | None, heldout: list[str]
         cols = ["study_id", "image_id", "view", "findings", "impression", "vqa"]
         for split in ("train", "validate"):
             ds = ray_dataset(data, split, columns=cols)
-            out[split] = ds.map_batches(attach_codes, fn_kwargs={"split_dir": str(cache.split_dir(split))},
+            out[split] = ds.map_batches(attach_codes, fn_kwargs={"files": tuple(cache.split_files(split))},
                                         batch_format="pyarrow").materialize()
     out["heldout_text"] = ray.data.from_items([{"text": t} for t in heldout]).materialize()
     return out

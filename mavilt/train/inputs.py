@@ -1,13 +1,14 @@
 """What each worker loop receives: one typed, picklable object per loop (Ray ships it to every worker).
 
-The driver (:mod:`mavilt.train.steps`) resolves every path before training starts and makes it absolute:
-train workers run in their own working directory, where a relative path means nothing.
+The driver (:mod:`mavilt.train.steps`) resolves every path before training starts and hands it on as an
+absolute local path or a URI (train workers run in their own working directory, where a relative path means
+nothing, and on other nodes, where the driver's local copies are not): a worker opens model folders with
+``storage.local_dir``, which copies one from a store into the node's cache once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from mavilt.config import Config
 from mavilt.runs import StepOutput
@@ -16,11 +17,11 @@ from mavilt.runs import StepOutput
 @dataclass(frozen=True)
 class LoopInputs:
     cfg: Config
-    output: str  # the step's output folder: history.jsonl and the step's own artefacts
+    output: str  # the step's output folder (a local path or a URI): history.jsonl and the step's own artefacts
 
     @property
     def step_output(self) -> StepOutput:
-        return StepOutput(Path(self.output))
+        return StepOutput(self.output)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from mavilt.llm.stages import get_stage
 from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, report, save_train_files
 from mavilt.train.engine import make_engine
 from mavilt.train.inputs import LLMInputs
+from mavilt.storage import local_dir, local_path
 from mavilt.train.worker import Worker, all_reduce, autocast, setup_worker
 
 
@@ -36,10 +37,13 @@ def llm_loop(inputs: LLMInputs) -> None:
     tc = cfg.section(stage.name)
     w = setup_worker(cfg.compute, tc.seed)
 
-    # The model this stage starts from, the engine that trains it, the regularizer toward theta_0.
-    init = StageCheckpoint(inputs.init_checkpoint) if inputs.init_checkpoint else None
-    start_from = build_starting_model(stage, cfg.llm, seed=tc.seed, tokenizer_dir=inputs.tokenizer_dir,
-                                      theta0_dir=inputs.theta0_dir, init=init)
+    # The model this stage starts from, the engine that trains it, the regularizer toward theta_0. Folders on
+    # a store are copied to this node once (only a checkpoint's models, not its optimizer state).
+    init = (StageCheckpoint(local_dir(inputs.init_checkpoint, include=StageCheckpoint.MODEL_PARTS))
+            if inputs.init_checkpoint else None)
+    theta0_dir = local_path(inputs.theta0_dir)
+    start_from = build_starting_model(stage, cfg.llm, seed=tc.seed, tokenizer_dir=local_dir(inputs.tokenizer_dir),
+                                      theta0_dir=theta0_dir, init=init)
     model, tokenizer, vocab = start_from.model, start_from.tokenizer, start_from.vocab
     if cfg.llm.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
@@ -70,7 +74,7 @@ def llm_loop(inputs: LLMInputs) -> None:
             engine.save_sharded(ck)
             if w.is_main:
                 save_model_parts(ck, engine.module(), tokenizer, vocab if stage.uses_images else None,
-                                 inputs.theta0_dir, hf_state_dict=hf_state)
+                                 theta0_dir, hf_state_dict=hf_state)
                 save_train_files(d, cfg, {"step": step, "stage": stage.name, **engine.train_state()})
         return _write
 

@@ -4,29 +4,33 @@ write the result.
 Each ``run_*`` function is what one job file calls; ``jobs/pipeline.py`` calls the same functions. The step's
 output directory is ``<storage>/<name>`` (Ray Train's run directory, holding the checkpoints), with
 ``config.yaml``, ``history.jsonl``, ``metrics.json`` and ``result.json`` beside them (:class:`StepOutput`).
+Every path may be a local folder or a URI (:mod:`mavilt.storage`): the driver loads what it needs from local
+copies, and hands the workers the paths as given, so each node makes its own copy.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from mavilt.checkpoints import EncoderCheckpoint, StageCheckpoint, TextLMCheckpoint, Theta0Files, VQGANCheckpoint
+from mavilt.checkpoints import (HF_TOKENIZER, EncoderCheckpoint, StageCheckpoint, TextLMCheckpoint, Theta0Files,
+                                VQGANCheckpoint)
 from mavilt.config import Config
 from mavilt.errors import ConfigError
 from mavilt.hashing import config_hash
 from mavilt.llm.stages import PRETRAIN_TEXT, get_stage
 from mavilt.paths import iu_reports_dir
 from mavilt.runs import StepOutput, finish
+from mavilt.storage import Location, local_dir, publish_dir
 from mavilt.train.inputs import EncoderInputs, LLMInputs, VQGANInputs
 from mavilt.train.trainer import FitOutcome, fit
 
 log = logging.getLogger(__name__)
 
 
-def _prepare_out(storage: str | Path, name: str, cfg: Config, data: str | Path | None = None) -> StepOutput:
+def _prepare_out(storage: str | Path | Location, name: str, cfg: Config, data: str | Path | None = None) -> StepOutput:
     """Check the dataset a user gives before anything slow starts, connect to Ray (before Ray Data would start
     a default instance of its own), then make the output folder."""
     from mavilt.raycluster import ensure_ray
@@ -36,8 +40,8 @@ def _prepare_out(storage: str | Path, name: str, cfg: Config, data: str | Path |
 
         check_dataset(data)
     ensure_ray()
-    out = StepOutput(Path(storage).resolve() / name)
-    out.root.mkdir(parents=True, exist_ok=True)
+    out = StepOutput(Location.of(storage) / name)
+    out.root.mkdir()
     cfg.save(out.config)
     return out
 
@@ -58,7 +62,7 @@ def run_encoder(cfg: Config, data: str | Path, storage: str | Path, name: str = 
     from mavilt.train.vision import encoder_loop
 
     out = _prepare_out(storage, name, cfg, data)
-    outcome = fit(encoder_loop, EncoderInputs(cfg, str(out.root)), storage=Path(storage).resolve(), name=name,
+    outcome = fit(encoder_loop, EncoderInputs(cfg, str(out.root)), storage=out.root.parent, name=name,
                   score=("val_auroc_mean", "max"), datasets=vision_datasets(data))
     return finish("encoder", out.root, outcome.best_checkpoint, _best_metrics(outcome),
                   config_hash([cfg.to_dict()["encoder"], str(data)]))
@@ -84,12 +88,12 @@ def run_vqgan(cfg: Config, data: str | Path, storage: str | Path, name: str = "v
         phi_dir = EncoderCheckpoint.find_model(encoder_checkpoint, "--encoder-checkpoint")
     out = _prepare_out(storage, name, cfg)
     outcome = fit(vqgan_loop, VQGANInputs(cfg, str(out.root), str(phi_dir) if phi_dir else None),
-                  storage=Path(storage).resolve(), name=name, score=("val_loss", "min"), datasets=vision_datasets(data))
+                  storage=out.root.parent, name=name, score=("val_loss", "min"), datasets=vision_datasets(data))
     if outcome.best_checkpoint is not None and phi_dir is not None:
         # The VQ-GAN checkpoint carries its phi, so later steps (bundle, FID) find it without another argument.
         target = VQGANCheckpoint(outcome.best_checkpoint).phi
         if not target.exists():
-            shutil.copytree(phi_dir, target)
+            target.upload(local_dir(phi_dir))
     return finish("vqgan", out.root, outcome.best_checkpoint, _best_metrics(outcome),
                   config_hash([cfg.to_dict()["vqgan"], cfg.data.image_size, str(data), str(phi_dir) if phi_dir else None]))
 
@@ -97,14 +101,14 @@ def run_vqgan(cfg: Config, data: str | Path, storage: str | Path, name: str = "v
 # ---- the LLM stages -------------------------------------------------------------------------------------
 
 
-def _check_theta0_base(theta0: Theta0Files, model_dir: Path, name: str) -> None:
+def _check_theta0_base(theta0: Theta0Files, model_dir: Location, name: str) -> None:
     """theta_0 is fixed once per run folder: a run resumed with another starting LM would regularize toward
     the wrong weights (and resume another model's checkpoints)."""
     import json
 
     if theta0.exists():
         base = json.loads(theta0.spec.read_text()).get("base")
-        if base != str(Path(model_dir).resolve()):
+        if base != model_dir.uri:
             raise ConfigError(f"run '{name}' was started from {base}, not {model_dir}: use another --name (or "
                               "delete the run folder) to start from a different LM")
 
@@ -135,10 +139,12 @@ def run_pretrain_text(cfg: Config, data: str | Path, storage: str | Path, name: 
         return finish(job, out.root, None, {**corpus, "base": cfg.llm.base, "skipped": 1}, h)
     if tc.max_steps <= 0:
         raise ConfigError("the tiny LM must be pretrained: set pretrain_text.max_steps > 0")
-    if not (out.text_tokenizer / "tokenizer.json").exists():
-        train_bpe_tokenizer(train_texts, cfg.llm.text_vocab_size, out.text_tokenizer)
+    if not (out.text_tokenizer / HF_TOKENIZER).is_file():  # written last: a tokenizer with it is whole
+        with tempfile.TemporaryDirectory(prefix="mavilt-tokenizer-") as tmp:
+            train_bpe_tokenizer(train_texts, cfg.llm.text_vocab_size, tmp)
+            publish_dir(tmp, out.text_tokenizer, HF_TOKENIZER)
     inputs = LLMInputs(cfg, str(out.root), stage=job, tokenizer_dir=str(out.text_tokenizer))
-    outcome = fit(llm_loop, inputs, storage=Path(storage).resolve(), name=name, score=("val_loss", "min"),
+    outcome = fit(llm_loop, inputs, storage=out.root.parent, name=name, score=("val_loss", "min"),
                   datasets=text_datasets(train_texts, heldout), split=())
     return finish(job, out.root, outcome.best_checkpoint, {**corpus, **_best_metrics(outcome)}, h)
 
@@ -176,7 +182,7 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
                        else VQGANCheckpoint.phi_beside(vqgan_dir))
     out = _prepare_out(storage, name, cfg, data)
 
-    vq = VQGAN.from_pretrained(vqgan_dir)
+    vq = VQGAN.from_pretrained(local_dir(vqgan_dir))
     k, n = vq.codebook_size, vq.num_tokens(cfg.data.image_size)
     cache = CodeCache(data, vqgan_dir)
     cache.build()
@@ -186,10 +192,12 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
         theta0 = Theta0Files(out.theta0)
         _check_theta0_base(theta0, model_dir, name)
         if not theta0.exists():
-            vocab = JointVocab.for_tokenizer(load_tokenizer(tok_dir), k, n)
-            model, _ = load_lm(model_dir, cfg.llm.dtype, with_tokenizer=False)
+            vocab = JointVocab.for_tokenizer(load_tokenizer(local_dir(tok_dir)), k, n)
+            model, _ = load_lm(local_dir(model_dir), cfg.llm.dtype, with_tokenizer=False)
             extend_vocabulary(model, vocab, seed=tc.seed)
-            save_theta0(theta0, model_dir, model, vocab)
+            with tempfile.TemporaryDirectory(prefix="mavilt-theta0-") as tmp:
+                save_theta0(Theta0Files(tmp), model_dir, model, vocab)
+                publish_dir(tmp, theta0.root, Theta0Files.SPEC)
             del model
     else:
         vocab = read_vocab(init)
@@ -200,7 +208,7 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
         theta0 = init.theta0
     inputs = LLMInputs(cfg, str(out.root), stage=stage.name, tokenizer_dir=str(tok_dir), theta0_dir=str(theta0.root),
                        init_checkpoint=str(init.root) if init else None, inject_failure_at_step=inject_failure_at_step)
-    outcome = fit(llm_loop, inputs, storage=Path(storage).resolve(), name=name, score=("val_loss", "min"),
+    outcome = fit(llm_loop, inputs, storage=out.root.parent, name=name, score=("val_loss", "min"),
                   datasets=stage_datasets(data, cache, heldout), split=())
     metrics = {**_best_metrics(outcome), "final": _numeric(outcome.metrics)}
     checkpoint = outcome.best_checkpoint

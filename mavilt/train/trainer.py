@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mavilt.config import ComputeConfig
+from mavilt.storage import Location, ray_train_storage
 from mavilt.train.inputs import LoopInputs
 
 
@@ -19,7 +20,7 @@ from mavilt.train.inputs import LoopInputs
 class FitOutcome:
     """What a finished run hands to the next step."""
 
-    best_checkpoint: Path | None  # best by the score metric (or the latest when none carries it)
+    best_checkpoint: Location | None  # best by the score metric (or the latest when none carries it)
     metrics: dict[str, Any]  # the last metrics rank 0 reported
     best_metrics: dict[str, Any]  # the metrics reported with the best checkpoint
 
@@ -49,7 +50,7 @@ def fit(
     loop: Callable[[Any], None],
     inputs: LoopInputs,
     *,
-    storage: str | Path,
+    storage: str | Path | Location,
     name: str,
     score: tuple[str, str],
     datasets: dict[str, Any] | None = None,
@@ -60,7 +61,8 @@ def fit(
 
     ``split`` names the datasets Ray streams in disjoint shards to the workers; the others reach every worker
     whole. ``score`` is ``(metric, "min" | "max")``: checkpoints are kept by it (``compute.keep_checkpoints`` of
-    them; Ray always keeps the latest too, so resuming never loses work).
+    them; Ray always keeps the latest too, so resuming never loses work). ``storage`` is a local folder or a
+    URI: Ray Train writes and restores the run there through its filesystem.
     """
     import ray.train
     from ray.data import ExecutionOptions
@@ -74,12 +76,11 @@ def fit(
     ensure_ray()
     for ds in (datasets or {}).values():
         quiet_dataset(ds)
-    storage = Path(storage).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
+    storage = Location.of(storage).mkdir()
     metric, mode = score
     run_config = RunConfig(
         name=name,
-        storage_path=str(storage),
+        **ray_train_storage(storage),
         checkpoint_config=CheckpointConfig(
             num_to_keep=compute.keep_checkpoints,
             checkpoint_score_attribute=metric,
@@ -107,7 +108,7 @@ def fit(
     elif result.checkpoint is not None:
         best_ckpt, best_metrics = result.checkpoint, dict(result.metrics or {})
     return FitOutcome(
-        best_checkpoint=Path(best_ckpt.path) if best_ckpt is not None else None,
+        best_checkpoint=Location(storage.scheme, best_ckpt.path, storage.query) if best_ckpt is not None else None,
         metrics=dict(result.metrics or {}),
         best_metrics=dict(best_metrics),
     )

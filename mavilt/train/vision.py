@@ -163,6 +163,7 @@ def vqgan_loop(inputs: VQGANInputs) -> None:
     import ray.train
 
     from mavilt.eval.recon import reconstruction_metrics, save_recon_grid
+    from mavilt.storage import local_path
     from mavilt.tokenizer.features import load_feature_encoder
     from mavilt.tokenizer.loss import VQGANLoss
     from mavilt.tokenizer.model import VQGAN, Discriminator
@@ -170,7 +171,10 @@ def vqgan_loop(inputs: VQGANInputs) -> None:
     cfg = inputs.cfg
     vc = cfg.vqgan
     w = setup_worker(cfg.compute, vc.seed)
-    phi = load_feature_encoder(vc.feature_encoder, vc.feature_weights, inputs.phi_dir).to(w.device)
+    # phi feeds the feature and perceptual terms and the feat_dist metric; without those terms and without an
+    # encoder given, the VQ-GAN trains on pixels alone (the step checked that choice on the driver).
+    phi = (load_feature_encoder(vc.feature_encoder, vc.feature_weights, local_path(inputs.phi_dir)).to(w.device)
+           if inputs.phi_dir or vc.lambda_feat > 0 or vc.lambda_perceptual > 0 else None)
     model = VQGAN(vc, image_size=cfg.data.image_size)
     disc = Discriminator(vc)
     loss_fn = VQGANLoss(vc, phi).to(w.device)
