@@ -229,3 +229,14 @@ def test_results_land_where_the_output_says(place):
     assert read_result(place) == result and result["output"] == place.uri
     assert result["checkpoint"] == f"{place.uri}/checkpoint_000001"
     assert json.loads(out.metrics.read_text()) == {"val_loss": 0.5, "nan": None}
+
+
+def test_a_resumed_run_rewinds_its_history_to_the_step_it_resumes_from(place):
+    from mavilt.train.checkpoint import rewind_history
+
+    log = place / "history.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "train_loss": 1 / s}) + "\n" for s in range(1, 8)) + '{"step": 8, "tr')
+    rewind_history(log, 7, is_main=False)  # only rank 0 writes the history
+    assert len(log.read_text().splitlines()) == 8
+    rewind_history(log, 4, is_main=True)  # the dead attempt's steps 5-7 and its half-written line go
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]

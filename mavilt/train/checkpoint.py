@@ -49,6 +49,23 @@ def save_train_files(ckpt_dir: Path, cfg: Config, train_state: dict[str, Any]) -
     ck.code_version_file.write_text(code_version() + "\n")
 
 
+def rewind_history(history: Location, step: int, is_main: bool) -> None:
+    """A run resumed at ``step`` trains the steps after it again: drop what an attempt that died logged past
+    it (and a line it left half-written), so the history is the one of the weights that go on."""
+    if not is_main or step <= 0 or not history.is_file():
+        return
+    lines = history.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if float(json.loads(line).get("step", 0)) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            continue
+    if len(keep) != len(lines):
+        history.write_text("".join(line + "\n" for line in keep))
+
+
 def report(
     metrics: dict[str, Any],
     write: Callable[[Path], None] | None = None,

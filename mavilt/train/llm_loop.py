@@ -24,7 +24,7 @@ from mavilt.llm.data import HELDOUT, SHUFFLED, LLMData
 from mavilt.llm.regularization import Regularizer
 from mavilt.llm.sequences import TextCodec, collate
 from mavilt.llm.stages import get_stage
-from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, report, save_train_files
+from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, report, rewind_history, save_train_files
 from mavilt.train.engine import make_engine
 from mavilt.train.inputs import LLMInputs
 from mavilt.storage import local_dir, local_path
@@ -63,6 +63,7 @@ def llm_loop(inputs: LLMInputs) -> None:
                    train_rows=_rows("train", w), val_rows=_rows("validate", w), heldout_rows=_rows(HELDOUT, w),
                    agree_min=lambda n: int(all_reduce([float(n)], "min")[0]))
     history = inputs.step_output.history
+    rewind_history(history, start, w.is_main)
     if start >= tc.max_steps:  # a finished run started again: nothing to do but say so
         report({"step": start, "done": 1}, history=history)
         return

@@ -20,7 +20,7 @@ import torch
 from mavilt.checkpoints import EncoderCheckpoint, VQGANCheckpoint
 from mavilt.console import step_progress
 from mavilt.data.raydata import iterate_all, iterate_steps
-from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, report, save_train_files
+from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, report, rewind_history, save_train_files
 from mavilt.train.inputs import EncoderInputs, LoopInputs, VQGANInputs
 from mavilt.train.worker import Worker, autocast, setup_worker, unwrap
 
@@ -53,6 +53,7 @@ def run_vision_steps(inputs: LoopInputs, w: Worker, spec: VisionSteps, start: in
 
     b = spec.budget
     history = inputs.step_output.history
+    rewind_history(history, start, w.is_main)
     if start >= b.max_steps:  # a finished run started again: nothing to do but say so
         report({"step": start, "done": 1}, history=history)
         return
