@@ -33,7 +33,8 @@ from mavilt.errors import InputError, StorageError
 
 log = logging.getLogger(__name__)
 
-REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+# Stores whose pyarrow paths are "bucket/key" (the form Location keeps).
+REMOTE_SCHEMES = ("s3", "gs", "gcs")
 # What a Ray worker needs to reach the same store as the driver (handed to a local Ray instance's workers).
 CREDENTIAL_VARIABLES = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",

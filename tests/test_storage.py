@@ -49,6 +49,7 @@ def test_a_place_is_a_local_path_or_a_uri(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad, message", [
     ("http://host/x", "unknown storage scheme 'http://'"),
+    ("hdfs://namenode/x", "use a local path, file://, s3:// or gs://"),
     ("s3://", "names no bucket"),
     ("", "an empty path"),
 ])

@@ -5,6 +5,11 @@ S3, stage 2 writing its bundle there, and the bundle loaded back from S3 answeri
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from bundle_factory import TINY_MODEL_OVERRIDES
@@ -100,14 +105,9 @@ def test_vqgan_stage1_resumed_and_stage2_on_s3_give_a_bundle_that_loads_from_s3(
 
 
 def test_a_code_cache_build_killed_half_way_is_never_read_and_the_next_build_replaces_it(bucket, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import torch
 
+    from mavilt.data.shards import read_rows
     from mavilt.errors import DatasetError
     from mavilt.tokenizer.model import VQGAN
     from mavilt.train.codes import CodeCache
@@ -136,5 +136,4 @@ def test_a_code_cache_build_killed_half_way_is_never_read_and_the_next_build_rep
     cache.build(use_ray=False)
     attempts = [x.name for x in cache.root.iterdir() if x.name != CodeCache.MARKER]
     assert len(attempts) == 1 and cache.published()["attempt"] == attempts[0]  # the dead attempt is gone
-    assert len(cache.load("train")) == len(__import__("mavilt.data.shards", fromlist=["x"]).read_rows(
-        f"{bucket}/data", "train", columns=["image_id"]))
+    assert len(cache.load("train")) == len(read_rows(f"{bucket}/data", "train", columns=["image_id"]))
