@@ -29,11 +29,12 @@ PROGRESS_KEYS = ("train_loss", "train_total", "val_loss", "val_psnr", "val_usage
 
 # Ray core's own harmless reports, forwarded from worker processes: a restartable actor whose constructor
 # arguments live in the object store (Ray Train's and Ray Data's internal actors), and a kill request that
-# reaches a reused worker process after its actor is gone. Nothing in a user's run can act on them.
+# reaches a reused worker process (or the GCS) after its actor is gone. Nothing in a user's run can act on them.
 _RAY_CORE_NOISE = re.compile(
     r"core_worker\.cc:\d+: (?:Mismatched ActorID: ignoring KillActor"
     r"|Actor with class name: '(?:MapWorker\(.*\)|PreemptionWatcher|TrainController|.*Coordinator)' .*"
     r"has constructor arguments in the object store)"
+    r"|gcs_actor_scheduler\.cc:\d+: Failed to kill actor NIL_ID"
 )
 
 

@@ -23,6 +23,8 @@ def test_ray_internal_noise_is_dropped_and_everything_else_kept():
         "[x] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: 'ec' has constructor arguments in "
         "the object store and max_restarts > 0. If the arguments ...",
         *SIGNALER,
+        "[2026-12-02 05:39:34,381 E 11536 11536] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor NIL_ID, "
+        "return status: Invalid: KillActor RPC failed for actor NIL_ID: RpcError: RPC error: Socket closed rpc_code: 14",
         "[stage1] step 4/4 train_loss=5.92",
         # A user's own actor, and a user's own traceback, are theirs to see.
         "[x] core_worker.cc:2465: Actor with class name: 'MyActor' and ID: 'e9' has constructor arguments in the "
@@ -30,7 +32,7 @@ def test_ray_internal_noise_is_dropped_and_everything_else_kept():
         "Traceback (most recent call last):",
         "ValueError: bad row",
     ]
-    assert drop_ray_noise(lines) == [lines[0], lines[10], lines[11], lines[12], lines[13]]
+    assert drop_ray_noise(lines) == [lines[0], lines[11], lines[12], lines[13], lines[14]]
 
 
 def test_a_cut_signaler_block_ends_at_the_next_ordinary_line():
