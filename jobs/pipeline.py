@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable under
 from mavilt.cli import job_parser, run_job  # noqa: E402
 from mavilt.config import add_config_args  # noqa: E402
 from mavilt.pipeline import run_pipeline  # noqa: E402
+from mavilt.storage import Location  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -21,7 +22,7 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="append", default=[], metavar="STEP", help="re-run STEP even if done")
     add_config_args(p)
     args = p.parse_args(argv)
-    run_job(lambda cfg: run_pipeline(cfg, f"{args.runs.rstrip('/')}/{args.name}", force=args.force), args)
+    run_job(lambda cfg: run_pipeline(cfg, Location.of(args.runs) / args.name, force=args.force), args)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ from mavilt.errors import ConfigError
 from mavilt.hashing import config_hash
 from mavilt.paths import CONFIG_DIR
 
+if typing.TYPE_CHECKING:
+    from mavilt.storage import Location
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_overrides", "valid_keys",
@@ -245,7 +248,7 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def save(self, path):
+    def save(self, path) -> "Location":
         """Write the YAML to a local path or a URI (:class:`mavilt.storage.Location`)."""
         from mavilt.storage import Location
 

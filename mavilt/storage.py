@@ -176,19 +176,21 @@ class Location:
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
-    def iterdir(self) -> list["Location"]:
-        """The entries of this folder (none when it does not exist), sorted by name."""
+    def _listing(self, recursive: bool = False) -> list:
+        """pyarrow's FileInfo of what is in this folder (nothing when it does not exist)."""
         import pyarrow.fs as pafs
 
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted((Location(self.scheme, i.path, self.query) for i in infos), key=lambda x: x.path)
+        return self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
+
+    def iterdir(self) -> list["Location"]:
+        """The entries of this folder (none when it does not exist), sorted by name."""
+        return sorted((Location(self.scheme, i.path, self.query) for i in self._listing()), key=lambda x: x.path)
 
     def files(self, suffix: str = "") -> list["Location"]:
         """The files directly in this folder whose names end with ``suffix`` (hidden ones left out), sorted."""
         import pyarrow.fs as pafs
 
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted((Location(self.scheme, i.path, self.query) for i in infos
+        return sorted((Location(self.scheme, i.path, self.query) for i in self._listing()
                        if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                        and not i.base_name.startswith(".")), key=lambda x: x.path)
 
@@ -196,7 +198,7 @@ class Location:
         """(relative path, size, modification time in ns) of every file below this folder, sorted."""
         import pyarrow.fs as pafs
 
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        infos = self._listing(recursive=True)
         base = self.path.rstrip("/") + "/"
         return sorted((i.path[len(base):], int(i.size or 0), int(i.mtime_ns or 0))
                       for i in infos if i.type == pafs.FileType.File and i.path.startswith(base))
@@ -298,8 +300,8 @@ class Location:
                 continue
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(posixpath.join(self.path, rel) if not self.is_local else os.path.join(self.path, rel),
-                            str(target), source_filesystem=self.fs, destination_filesystem=_local_filesystem())
+            pafs.copy_files((self / rel).path, str(target), source_filesystem=self.fs,
+                            destination_filesystem=_local_filesystem())
         return dest
 
 
@@ -381,19 +383,14 @@ def local_path(where: Location | str | Path | None, **kwargs) -> str | None:
 
 
 def write_parquet(table, where: Location | str | Path) -> Location:
-    """Write one Parquet file whole (readers never see a part of it)."""
+    """Write one Parquet file whole (readers never see a part of it): encoded in memory, then written at once
+    like any other file. A shard is a few hundred images, so the buffer stays small."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    loc = Location.of(where)
-    if loc.is_local:
-        p = Path(loc.path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:6]}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, p)
-    else:
-        pq.write_table(table, loc.path, filesystem=loc.fs)
-    return loc
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return Location.of(where).write_bytes(buf.getvalue().to_pybytes())
 
 
 def read_parquet(where: Location | str | Path, **kwargs):
