@@ -80,3 +80,42 @@ def stage_main(stage: str, doc: str | None, argv=None) -> None:
     a = p.parse_args(argv)
     run_job(lambda cfg: run_stage(stage, cfg, a.data, a.tokenizer_checkpoint, a.init_checkpoint, a.storage, a.name,
                                   encoder_checkpoint=getattr(a, "encoder_checkpoint", None), iu_dir=a.iu_reports), a)
+
+
+def sweep_main(job: str, doc: str | None, spaces: Callable[[Config, str | None], Any], stages: tuple[str, ...] = (),
+               argv=None) -> None:
+    """`tune/sweep_tokenizer.py` and `tune/sweep_reg.py`: ``spaces(cfg, stage)`` gives the sweep's spec."""
+    from mavilt.sweeps.runner import run_sweep
+    from mavilt.sweeps.spec import resolve_upstream
+
+    p = job_parser(doc)
+    if stages:
+        p.add_argument("--stage", required=True, choices=stages, help="the stage whose lambda_reg and lr are searched")
+    p.add_argument("--run", help="a finished pipeline run folder (runs/demo): the dataset and upstream checkpoints")
+    p.add_argument("--data", help="a dataset written by jobs/prepare.py (instead of --run)")
+    p.add_argument("--encoder-checkpoint", help="phi, the CXR encoder (instead of --run)")
+    if stages:
+        p.add_argument("--tokenizer-checkpoint", help="the VQ-GAN checkpoint (instead of --run)")
+        p.add_argument("--init-checkpoint", help="the LM the stage starts from (instead of --run)")
+    else:
+        p.add_argument("--judge-checkpoint", help="a CXR encoder to score with (default: one trained once, seed "
+                                                  "tune.judge_seed)")
+    add_config_args(p)
+    p.add_argument("--num-samples", type=int, help="trials (default: tune.num_samples)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's resources fit)")
+    p.add_argument("--storage", default="runs/sweeps", help="folder or URI for sweeps (default: runs/sweeps)")
+    p.add_argument("--name", help="sweep name; re-running with the same name continues it (default: the sweep)")
+    p.add_argument("--restart", action="store_true", help="delete the sweep of this name and start over")
+    a = p.parse_args(argv)
+    stage = getattr(a, "stage", None)
+
+    def run(cfg: Config) -> dict[str, Any]:
+        spec = spaces(cfg, stage)
+        upstream = resolve_upstream(spec, cfg, a.run, data=a.data, encoder_checkpoint=a.encoder_checkpoint,
+                                    tokenizer_checkpoint=getattr(a, "tokenizer_checkpoint", None),
+                                    init_checkpoint=getattr(a, "init_checkpoint", None))
+        return run_sweep(spec, cfg, upstream, a.storage, a.name or f"{job.removeprefix('sweep_')}-{spec.step}",
+                         num_samples=a.num_samples, max_concurrent=a.max_concurrent, restart=a.restart,
+                         judge_checkpoint=getattr(a, "judge_checkpoint", None))
+
+    run_job(run, a)

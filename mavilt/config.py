@@ -36,7 +36,8 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_ov
            "list_presets", "add_config_args", "CONFIG_VERSION"]
 
 # 2: each LLM stage offers only the settings it uses; no tune/serve sections until they configure something.
-CONFIG_VERSION = 2
+# 3: the tune (sweeps) and tracking (metrics to wandb) sections.
+CONFIG_VERSION = 3
 
 Section = Literal["findings", "impression", "both"]
 
@@ -227,6 +228,46 @@ class EvalConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Sweeps (``tune/sweep_tokenizer.py``, ``tune/sweep_reg.py``): per-trial budgets, search ranges, early
+    stopping, and the weights of the two objectives (see :mod:`mavilt.sweeps.objectives`)."""
+
+    stage_steps: int = setting(900, "steps of each stage-sweep trial (its stage's max_steps)")
+    stage_eval_every: int = setting(300, "steps between a stage trial's validations: its reports, ASHA's rungs")
+    tokenizer_steps: int = setting(1000, "steps of each tokenizer-sweep trial (vqgan.max_steps)")
+    tokenizer_eval_every: int = setting(250, "steps between a tokenizer trial's validations: its reports, ASHA's rungs")
+    lambda_grad: list[float] = setting(help="[low, high] of vqgan.lambda_grad (log-uniform)", factory=lambda: [1.0, 300.0])
+    lambda_feat: list[float] = setting(help="[low, high] of vqgan.lambda_feat (log-uniform)", factory=lambda: [0.01, 3.0])
+    lambda_reg: list[float] = setting(help="[low, high] of the stage's lambda_reg (log-uniform)", factory=lambda: [1e-6, 1e-2])
+    lr: list[float] = setting(help="[low, high] of the stage's learning rate (log-uniform)", factory=lambda: [3e-4, 3e-3])
+    num_samples: int = setting(8, "trials per sweep (--num-samples overrides)")
+    seed: int = setting(0, "seed of Optuna's TPE sampler")
+    grace_steps: int = setting(0, "ASHA: steps before a trial may be stopped (0: one validation interval)")
+    reduction_factor: float = setting(2.0, "ASHA: a trial goes on past a rung only if it is in the best 1/factor there")
+    max_failures: int = setting(1, "retries of a failed trial (each resumes from its last checkpoint)")
+    seed_reruns: int = setting(2, "the best and the preset's trials are run again with this many more seeds")
+    edge_weight: float = setting(1.0, "tokenizer objective: weight of the edge error next to the judge's diagnosis drift")
+    judge_seed: int = setting(1, "seed of the judge (a second CXR encoder, trained for scoring only); must differ from "
+                                 "encoder.seed")
+    judge_min_auroc: float = setting(0.7, "observations the judge reads: validation AUROC at least this")
+    retention_weight: float = setting(1.0, "stage objective: weight of ln(held-out perplexity / the start's)")
+    f1_weight: float = setting(1.0, "stage objective: weight of the clinical F1 of generated reports")
+    f1_studies: int = setting(100, "stage objective: fixed validation studies whose generated reports are scored")
+
+
+@dataclass
+class TrackingConfig:
+    """Where metrics go besides ``history.jsonl``: wandb, offline unless configured."""
+
+    wandb: bool = setting(False, "log every job's and every trial's metrics to wandb")
+    mode: Literal["offline", "online"] = setting("offline", "offline: files under the run's folder (wandb sync later)")
+    project: str = setting("mavilt", "wandb project")
+    entity: str | None = setting(None, "wandb entity (team); None: the user's default")
+    dir: str | None = setting(None, "local folder for wandb's files; None: <run folder>/wandb (a local cache "
+                                    "folder when the run folder is on a store)")
+
+
+@dataclass
 class Config:
     preset: str = setting("tiny", "name of the preset (or YAML file) this config came from")
     data: DataConfig = setting(help="dataset preparation", factory=DataConfig)
@@ -239,6 +280,8 @@ class Config:
     stage2: StageConfig = setting(help="stage 2: instruction tuning (report, synthesize, vqa)", factory=StageConfig)
     generate: GenerateConfig = setting(help="decoding", factory=GenerateConfig)
     eval: EvalConfig = setting(help="evaluation", factory=EvalConfig)
+    tune: TuneConfig = setting(help="sweeps: budgets, ranges, early stopping, objectives", factory=TuneConfig)
+    tracking: TrackingConfig = setting(help="metrics to wandb (offline unless configured)", factory=TrackingConfig)
 
     # ---- conversions -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -437,6 +480,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"data.split_fractions must be three non-negative numbers summing to 1, got {fr}")
     if not 8 <= d.image_size <= 1024:
         raise ConfigError(f"data.image_size must be between 8 and 1024, got {d.image_size}")
+    t = cfg.tune
+    for key in ("lambda_grad", "lambda_feat", "lambda_reg", "lr"):
+        lo_hi = getattr(t, key)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1]:
+            raise ConfigError(f"tune.{key} must be [low, high] with 0 < low < high (a log-uniform range), got {lo_hi}")
+    if t.judge_seed == cfg.encoder.seed:
+        raise ConfigError(f"tune.judge_seed={t.judge_seed} equals encoder.seed: the judge must be trained "
+                          "independently of phi; set another tune.judge_seed")
     for name in STAGES:
         section = cfg.section(name)
         if isinstance(section, StageConfig):
@@ -476,10 +527,12 @@ _REMOVED_IN_2: dict[str, tuple[str, ...]] = {
 _SECTIONS_REMOVED_IN_2 = ("tune", "serve")
 
 
-def _migrate(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """A saved or user config mapping, brought to :data:`CONFIG_VERSION`."""
+def _migrate(data: dict[str, Any], source: str, unversioned: int = 1) -> dict[str, Any]:
+    """A saved or user config mapping, brought to :data:`CONFIG_VERSION`. A mapping without
+    ``config_version`` is of version ``unversioned``: 1 for configs saved with checkpoints (the first code saved
+    none), the current version for presets and YAML files people write."""
     data = dict(data)
-    version = data.pop("config_version", 1)
+    version = data.pop("config_version", unversioned)
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise ConfigError(f"{source} has config_version {version!r}; this code reads versions 1 to {CONFIG_VERSION}: "
                           "update MAViLT, or write the config again with this version")
@@ -524,7 +577,7 @@ def load_config(preset: str | Path | None = "tiny", overrides: list[str] | None 
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-        data = _migrate(data, str(path))
+        data = _migrate(data, str(path), unversioned=CONFIG_VERSION)
         data.setdefault("preset", path.stem)
         _apply(cfg, data, "", str(path))
     _apply(cfg, parse_overrides(overrides), "", "--set")

@@ -63,6 +63,16 @@ def ray_session():
     # Left running until the interpreter exits: tests after this one may still need it.
 
 
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory, ray_session):
+    """The main job on the micro preset, run once per session (the pipeline and sweep tests read it)."""
+    from mavilt.config import load_config
+    from mavilt.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("runs") / "micro"
+    return run_dir, run_pipeline(load_config("micro"), run_dir)
+
+
 @pytest.fixture
 def tiny_cfg():
     from mavilt.config import load_config

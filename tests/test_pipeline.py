@@ -13,14 +13,6 @@ from mavilt.config import load_config
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory, ray_session):
-    from mavilt.pipeline import run_pipeline
-
-    run_dir = tmp_path_factory.mktemp("runs") / "micro"
-    return run_dir, run_pipeline(load_config("micro"), run_dir)
-
-
 def test_every_step_writes_its_result_line(micro_run):
     run_dir, result = micro_run
     steps = ["prepare", "encoder", "vqgan", "pretrain_text", "stage1", "stage2", "evaluate"]

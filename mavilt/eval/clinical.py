@@ -106,3 +106,15 @@ def f1_from_matrices(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]
         d = 2 * t.sum() + p.sum() + n.sum()
         out[f"f1_micro_{tag}"] = float(2 * t.sum() / d) if d > 0 else 0.0
     return out
+
+
+def reference_labels(row: Mapping[str, object]) -> dict[str, int | None]:
+    """A study's reference labels: the source's own when it has any, else the labeler's on its whole report."""
+    from mavilt.data.labeler import label_report
+    from mavilt.data.labels import apply_conventions
+    from mavilt.data.shards import report_text
+
+    lab = row.get("labels") or {}
+    if any(lab.get(o) is not None for o in OBSERVATIONS):
+        return apply_conventions(lab)
+    return label_report(report_text(dict(row), "both"))

@@ -26,9 +26,10 @@ import torch
 
 from mavilt.config import Config
 from mavilt.console import progress
-from mavilt.data.labels import OBSERVATIONS, apply_conventions
+from mavilt.data.labels import OBSERVATIONS
 from mavilt.data.shards import images_array, one_image_per_study, read_rows, report_text
 from mavilt.errors import DatasetError
+from mavilt.eval.clinical import reference_labels
 from mavilt.eval.predict import derangement, predict
 from mavilt.hashing import config_hash
 from mavilt.storage import Location, publish_dir
@@ -155,15 +156,6 @@ class Evaluation:
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.b.decode_codes(codes[s : s + 256]) for s in range(0, len(codes), 256)])
 
-    def _labels(self, row: dict[str, Any]) -> dict[str, int | None]:
-        """The study's reference labels: the source's own when it has any, else the labeler's on its report."""
-        lab = row.get("labels") or {}
-        if any(lab.get(o) is not None for o in OBSERVATIONS):
-            return apply_conventions(lab)
-        from mavilt.data.labeler import label_report
-
-        return label_report(report_text(row, "both"))
-
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         rows = read_rows(self.data, self.split, limit=self.limit)
@@ -200,7 +192,7 @@ class Evaluation:
         if not studies:
             return {"n_studies": 0, "note": f"no study has a {self.section} section"}, []
         refs = [report_text(r, self.section) for r in studies]
-        ref_labels = [self._labels(r) for r in studies]
+        ref_labels = [reference_labels(r) for r in studies]
         study_codes = codes[[index[r["image_id"]] for r in studies]]
         progress(f"evaluate: generating {len(studies)} reports (model and blind)")
         model = self._predict("report", [{"codes": c} for c in study_codes.numpy()])
@@ -292,7 +284,7 @@ class Evaluation:
         random_codes = torch.randint(0, self.b.vocab.codebook_size, synth_codes.shape, generator=gen)
         random_images = self._decode(random_codes)
         real = images[[index[r["image_id"]] for r in studies]]
-        labels = [self._labels(r) for r in studies]
+        labels = [reference_labels(r) for r in studies]
         res: dict[str, Any] = {"n": len(studies)}
         # FID: every comparison against the same real half B, with the same sample count
         if self.ec.fid_network == "inhouse":

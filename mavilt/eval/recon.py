@@ -10,7 +10,7 @@ or restarts codes, so usage is honest).
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,8 +33,12 @@ def reconstruction_metrics(
     device: torch.device | str = "cpu",
     num_codes: int | None = None,
     examples: int = 8,
+    drift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
-    """Metrics over ``images`` [B, 1, H, W] in [0, 1]; also returns (inputs, reconstructions) for a grid."""
+    """Metrics over ``images`` [B, 1, H, W] in [0, 1]; also returns (inputs, reconstructions) for a grid.
+
+    ``drift(x, x_hat)`` (per-image values, e.g. :class:`mavilt.sweeps.objectives.DiagnosisDrift`) adds
+    ``judge_drift``, its mean."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     from mavilt.tokenizer.loss import image_gradient
@@ -58,6 +62,8 @@ def reconstruction_metrics(
         sums["l1"] += float((xr - x).abs().mean(dim=(1, 2, 3)).sum())
         sums["edge_error"] += float((gradient_magnitude(xr) - gradient_magnitude(x)).abs().mean(dim=(1, 2, 3)).sum())
         sums["grad_mse"] += float((image_gradient(xr) - image_gradient(x)).pow(2).mean(dim=(1, 2, 3)).sum())
+        if drift is not None:
+            sums["judge_drift"] = sums.get("judge_drift", 0.0) + float(drift(x, xr).sum())
         if phi is not None:
             sums["feat_dist"] += float((phi.features(xr) - phi.features(x)).pow(2).mean(dim=1).sum())
         usage.update(codes)

@@ -11,13 +11,17 @@ import json
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from mavilt.checkpoints import TrainCheckpoint
 from mavilt.config import Config
 from mavilt.storage import Location
+
+if TYPE_CHECKING:
+    from mavilt.tracking import Tracker
+    from mavilt.train.inputs import LoopInputs
 
 
 @contextmanager
@@ -71,23 +75,53 @@ def report(
     write: Callable[[Path], None] | None = None,
     *,
     all_ranks_write: bool = False,
-    history: Location | None = None,
+    tracker: "Tracker | None" = None,
 ) -> None:
     """``ray.train.report`` with an optional checkpoint written by ``write(dir)``.
 
     Rank 0 writes the checkpoint (``all_ranks_write`` for sharded DeepSpeed states, whose per-rank files Ray
-    merges into one directory) and appends the metrics to ``history`` (JSON lines: every report, not only
-    the checkpointed ones). Every rank calls this the same number of times: it is a barrier.
+    merges into one directory) and logs the metrics to ``tracker`` (history.jsonl: every report, not only
+    the checkpointed ones; wandb when configured). Every rank calls this the same number of times: it is a barrier.
     """
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
     metrics = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()}
-    if history is not None and rank == 0:
-        history.append_text(json.dumps(metrics) + "\n")
+    if tracker is not None and rank == 0:
+        tracker.log(metrics)
     if write is None or (rank != 0 and not all_ranks_write):
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="mavilt-ckpt-") as tmp:
         write(Path(tmp))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def last_report(history: Location) -> dict[str, Any]:
+    """The last metrics a run logged (a finished run started again reports them once more, so a sweep that
+    lost track of a trial still gets its final result)."""
+    if not history.is_file():
+        return {}
+    for line in reversed(history.read_text().splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            return record
+    return {}
+
+
+def start_tracking(inputs: "LoopInputs", is_main: bool, start: int, name: str) -> "Tracker":
+    """The run's tracker, after its history is rewound to ``start`` (the step this attempt resumes from)."""
+    from mavilt.tracking import Tracker
+
+    history = inputs.step_output.history
+    rewind_history(history, start, is_main)
+    return Tracker(history if is_main else None, inputs.cfg, name=name, folder=inputs.output,
+                   use_wandb=inputs.wandb and is_main)
+
+
+def report_finished(inputs: "LoopInputs", start: int) -> None:
+    """A finished run started again has nothing to train: report its last metrics once more (marked done)."""
+    report({**last_report(inputs.step_output.history), "step": start, "done": 1})

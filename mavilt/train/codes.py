@@ -208,7 +208,7 @@ def stage_datasets(data: str | Path | Location, cache: CodeCache | None, heldout
 
     out = {}
     if cache is not None:
-        cols = ["study_id", "image_id", "view", "findings", "impression", "vqa"]
+        cols = ["study_id", "image_id", "view", "findings", "impression", "labels", "vqa"]
         for split in ("train", "validate"):
             ds = ray_dataset(data, split, columns=cols)
             out[split] = ds.map_batches(attach_codes, fn_kwargs={"files": tuple(cache.split_files(split))},

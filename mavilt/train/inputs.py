@@ -18,6 +18,7 @@ from mavilt.runs import StepOutput
 class LoopInputs:
     cfg: Config
     output: str  # the step's output folder (a local path or a URI): history.jsonl and the step's own artefacts
+    wandb: bool = True  # rank 0 logs to wandb when tracking.wandb is on (a sweep's trials log through the Tuner)
 
     @property
     def step_output(self) -> StepOutput:
@@ -32,6 +33,8 @@ class EncoderInputs(LoopInputs):
 @dataclass(frozen=True)
 class VQGANInputs(LoopInputs):
     phi_dir: str | None = None  # the in-house encoder folder for the feature/perceptual terms
+    judge_dir: str | None = None  # sweeps: a second CXR encoder that scores reconstructions (never trained on)
+    judge_observations: tuple[str, ...] = ()  # the observations the judge reads
 
 
 @dataclass(frozen=True)
@@ -40,5 +43,6 @@ class LLMInputs(LoopInputs):
     tokenizer_dir: str = ""  # the text tokenizer folder
     theta0_dir: str | None = None  # regularized stages: theta_0
     init_checkpoint: str | None = None  # stage 2: the stage-1 checkpoint it starts from
+    report_f1_studies: int = 0  # sweeps: clinical F1 of reports generated for this many validation studies, last report
     # Tests of fault tolerance: raise once after this step, in the first attempt only.
     inject_failure_at_step: int | None = None

@@ -24,7 +24,9 @@ from mavilt.llm.data import HELDOUT, SHUFFLED, LLMData
 from mavilt.llm.regularization import Regularizer
 from mavilt.llm.sequences import TextCodec, collate
 from mavilt.llm.stages import get_stage
-from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, report, rewind_history, save_train_files
+from mavilt.train.checkpoint import (latest_checkpoint_dir, load_train_state, report, report_finished, save_train_files,
+                                    start_tracking)
+from mavilt.sweeps.objectives import stage_objective, validation_report_f1
 from mavilt.train.engine import make_engine
 from mavilt.train.inputs import LLMInputs
 from mavilt.storage import local_dir, local_path
@@ -52,21 +54,25 @@ def llm_loop(inputs: LLMInputs) -> None:
     engine = make_engine(model, tc, world_size=w.world_size, device=w.device, use_gpu=cfg.compute.use_gpu, bf16=bf16)
     reg = Regularizer(engine.module(), start_from.theta0, tc.lambda_reg) if stage.regularized else None
 
-    start = 0
+    start, state = 0, None
     with latest_checkpoint_dir() as ckpt:
         state = load_train_state(ckpt)
         if state:
             engine.restore(StageCheckpoint(ckpt), state)
             start = int(state["step"])
 
+    all_val = _rows("validate")
     data = LLMData(stage, tc, cfg.llm.max_length, vocab, TextCodec(tokenizer), rank=w.rank,
-                   train_rows=_rows("train", w), val_rows=_rows("validate", w), heldout_rows=_rows(HELDOUT, w),
-                   agree_min=lambda n: int(all_reduce([float(n)], "min")[0]))
-    history = inputs.step_output.history
-    rewind_history(history, start, w.is_main)
-    if start >= tc.max_steps:  # a finished run started again: nothing to do but say so
-        report({"step": start, "done": 1}, history=history)
+                   train_rows=_slice(_rows("train"), w), val_rows=_slice(all_val, w),
+                   heldout_rows=_slice(_rows(HELDOUT), w), agree_min=lambda n: int(all_reduce([float(n)], "min")[0]))
+    # The held-out perplexity of the model this stage starts from: what "language kept" is measured against.
+    ppl_start = (state or {}).get("heldout_ppl_start")
+    if ppl_start is None and stage.regularized and data.has_heldout:
+        ppl_start = evaluate_llm(engine, data, vocab.pad_id, w, only=(HELDOUT,)).get("heldout_text_ppl")
+    if start >= tc.max_steps:
+        report_finished(inputs, start)
         return
+    tracker = start_tracking(inputs, w.is_main, start, stage.name)
 
     def write(step: int):
         def _write(d: Path) -> None:
@@ -76,7 +82,8 @@ def llm_loop(inputs: LLMInputs) -> None:
             if w.is_main:
                 save_model_parts(ck, engine.module(), tokenizer, vocab if stage.uses_images else None,
                                  theta0_dir, hf_state_dict=hf_state)
-                save_train_files(d, cfg, {"step": step, "stage": stage.name, **engine.train_state()})
+                save_train_files(d, cfg, {"step": step, "stage": stage.name, "heldout_ppl_start": ppl_start,
+                                          **engine.train_state()})
         return _write
 
     t0, tokens, running = time.perf_counter(), 0, {}
@@ -102,17 +109,25 @@ def llm_loop(inputs: LLMInputs) -> None:
                 metrics.update(reg.metrics())
             if validate:
                 metrics.update(evaluate_llm(engine, data, vocab.pad_id, w))
+                if step == tc.max_steps and inputs.report_f1_studies and w.is_main:
+                    metrics["clinical_f1"] = validation_report_f1(engine.module(), stage, vocab, TextCodec(tokenizer),
+                                                                  all_val, inputs.report_f1_studies, tc.report_section,
+                                                                  cfg.generate.max_new_tokens)
+                if ppl_start and "heldout_text_ppl" in metrics:
+                    metrics["heldout_ppl_ratio"] = metrics["heldout_text_ppl"] / ppl_start
+                    metrics["stage_objective"] = stage_objective(metrics, cfg.tune)
                 engine.module().train()
             step_progress(stage.name, step, tc.max_steps, metrics, w.rank)
             report(metrics, write(step) if validate else None, all_ranks_write=engine.writes_on_all_ranks,
-                   history=history)
+                   tracker=tracker)
         if inputs.inject_failure_at_step == step and start < step:
             raise RuntimeError(f"injected failure after step {step} (test of resume)")
+    tracker.close()
 
 
-def _rows(name: str, w: Worker) -> list[dict[str, Any]] | None:
-    """This rank's fixed slice of a dataset's rows (None when the run has no such dataset). Every worker
-    reads the whole (small: token ids) dataset and keeps a slice: unlike a streaming split, the rows a rank
+def _rows(name: str) -> list[dict[str, Any]] | None:
+    """A dataset's rows (None when the run has no such dataset). Every worker reads the whole (small: token
+    ids) dataset and keeps a fixed slice of it (:func:`_slice`): unlike a streaming split, the rows a rank
     trains on are then the same in every run, so resuming is exact."""
     import ray.train
 
@@ -120,7 +135,11 @@ def _rows(name: str, w: Worker) -> list[dict[str, Any]] | None:
         shard = ray.train.get_dataset_shard(name)
     except KeyError:
         return None
-    return shard_rows(shard)[w.rank :: w.world_size]
+    return shard_rows(shard)
+
+
+def _slice(rows: list[dict[str, Any]] | None, w: Worker) -> list[dict[str, Any]] | None:
+    return None if rows is None else rows[w.rank :: w.world_size]
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -141,7 +160,7 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str])
 
 
 @torch.no_grad()
-def evaluate_llm(engine, data: LLMData, pad_id: int, w: Worker) -> dict[str, float]:
+def evaluate_llm(engine, data: LLMData, pad_id: int, w: Worker, only: tuple[str, ...] | None = None) -> dict[str, float]:
     """Validation loss per task and held-out text perplexity, summed over ranks; ``image_gain/<task>``: how
     much worse the task's loss is with another study's image.
 
@@ -151,6 +170,8 @@ def evaluate_llm(engine, data: LLMData, pad_id: int, w: Worker) -> dict[str, flo
     engine.module().eval()
     out: dict[str, float] = {}
     groups = data.validation_groups()  # name -> list of batches (lists of Example)
+    if only is not None:
+        groups = {k: v for k, v in groups.items() if k in only}
     for name in sorted(groups):
         batches = groups[name]
         n = int(all_reduce([float(len(batches))], "max")[0])

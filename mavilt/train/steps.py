@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,18 @@ from mavilt.train.inputs import EncoderInputs, LLMInputs, VQGANInputs
 from mavilt.train.trainer import FitOutcome, fit
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepHooks:
+    """What a sweep's trial adds to a step run (:mod:`mavilt.sweeps`); a job runs with the defaults."""
+
+    callbacks: tuple = ()  # Ray Train callbacks, e.g. Tune's TuneReportCallback
+    wandb: bool = True  # workers log to wandb themselves (a sweep's Tuner logs its trials instead)
+    judge_dir: str | None = None  # VQ-GAN: score reconstructions by this second encoder (checkpoints kept by it)
+    judge_observations: tuple[str, ...] = ()
+    theta0_dir: str | None = None  # stage 1: a theta_0 built once and shared (default: the run folder's own)
+    report_f1_studies: int = 0  # LLM stages: clinical F1 of generated validation reports at the last report
 
 
 def _prepare_out(storage: str | Path | Location, name: str, cfg: Config, data: str | Path | None = None) -> StepOutput:
@@ -57,12 +70,13 @@ def _best_metrics(outcome: FitOutcome) -> dict[str, Any]:
 # ---- encoder ------------------------------------------------------------------------------------------
 
 
-def run_encoder(cfg: Config, data: str | Path, storage: str | Path, name: str = "encoder") -> dict[str, Any]:
+def run_encoder(cfg: Config, data: str | Path, storage: str | Path, name: str = "encoder",
+                hooks: StepHooks = StepHooks()) -> dict[str, Any]:
     from mavilt.data.raydata import vision_datasets
     from mavilt.train.vision import encoder_loop
 
     out = _prepare_out(storage, name, cfg, data)
-    outcome = fit(encoder_loop, EncoderInputs(cfg, str(out.root)), storage=out.root.parent, name=name,
+    outcome = fit(encoder_loop, EncoderInputs(cfg, str(out.root), hooks.wandb), storage=out.root.parent, name=name,
                   score=("val_auroc_mean", "max"), datasets=vision_datasets(data))
     return finish("encoder", out.root, outcome.best_checkpoint, _best_metrics(outcome),
                   config_hash([cfg.to_dict()["encoder"], str(data)]))
@@ -72,7 +86,9 @@ def run_encoder(cfg: Config, data: str | Path, storage: str | Path, name: str = 
 
 
 def run_vqgan(cfg: Config, data: str | Path, storage: str | Path, name: str = "vqgan",
-              encoder_checkpoint: str | Path | None = None) -> dict[str, Any]:
+              encoder_checkpoint: str | Path | None = None, hooks: StepHooks = StepHooks()) -> dict[str, Any]:
+    """Train the VQ-GAN. Its checkpoints are kept by a score that does not grow with the lambdas: the validation
+    L1, or with a judge (sweeps) the tokenizer objective."""
     from mavilt.data.raydata import vision_datasets
     from mavilt.train.vision import vqgan_loop
 
@@ -87,8 +103,11 @@ def run_vqgan(cfg: Config, data: str | Path, storage: str | Path, name: str = "v
                               "or set vqgan.lambda_feat=0 and vqgan.lambda_perceptual=0")
         phi_dir = EncoderCheckpoint.find_model(encoder_checkpoint, "--encoder-checkpoint")
     out = _prepare_out(storage, name, cfg)
-    outcome = fit(vqgan_loop, VQGANInputs(cfg, str(out.root), str(phi_dir) if phi_dir else None),
-                  storage=out.root.parent, name=name, score=("val_loss", "min"), datasets=vision_datasets(data))
+    inputs = VQGANInputs(cfg, str(out.root), hooks.wandb, str(phi_dir) if phi_dir else None, hooks.judge_dir,
+                         hooks.judge_observations)
+    score = (f"val_{'tokenizer_objective' if hooks.judge_dir else 'l1'}", "min")
+    outcome = fit(vqgan_loop, inputs, storage=out.root.parent, name=name, score=score, datasets=vision_datasets(data),
+                  callbacks=list(hooks.callbacks))
     if outcome.best_checkpoint is not None and phi_dir is not None:
         # The VQ-GAN checkpoint carries its phi, so later steps (bundle, FID) find it without another argument.
         target = VQGANCheckpoint(outcome.best_checkpoint).phi
@@ -152,13 +171,11 @@ def run_pretrain_text(cfg: Config, data: str | Path, storage: str | Path, name: 
 def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoint: str | Path,
               init_checkpoint: str | Path, storage: str | Path, name: str | None = None,
               encoder_checkpoint: str | Path | None = None, iu_dir: str | Path | None = None,
-              inject_failure_at_step: int | None = None) -> dict[str, Any]:
+              inject_failure_at_step: int | None = None, hooks: StepHooks = StepHooks()) -> dict[str, Any]:
     """Stage 1 (from a pretrained LM) or stage 2 (from a stage-1 checkpoint); stage 2 writes a model bundle.
 
     ``inject_failure_at_step`` makes the loop fail once after that step (tests of resume)."""
-    from mavilt.llm.checkpoint import load_tokenizer, read_vocab
-    from mavilt.llm.model import extend_vocabulary, load_lm, save_theta0
-    from mavilt.llm.vocab import JointVocab
+    from mavilt.llm.checkpoint import read_vocab
     from mavilt.tokenizer.model import VQGAN
     from mavilt.train.codes import CodeCache, stage_datasets
     from mavilt.train.llm_loop import llm_loop
@@ -189,16 +206,7 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
     _, heldout = _heldout_corpus(cfg, data, iu_dir)
 
     if stage.stores_theta0:
-        theta0 = Theta0Files(out.theta0)
-        _check_theta0_base(theta0, model_dir, name)
-        if not theta0.exists():
-            vocab = JointVocab.for_tokenizer(load_tokenizer(local_dir(tok_dir)), k, n)
-            model, _ = load_lm(local_dir(model_dir), cfg.llm.dtype, with_tokenizer=False)
-            extend_vocabulary(model, vocab, seed=tc.seed)
-            with tempfile.TemporaryDirectory(prefix="mavilt-theta0-") as tmp:
-                save_theta0(Theta0Files(tmp), model_dir, model, vocab)
-                publish_dir(tmp, theta0.root, Theta0Files.SPEC)
-            del model
+        theta0 = ensure_theta0(Theta0Files(hooks.theta0_dir or out.theta0), cfg, stage.name, model_dir, tok_dir, k, n, name)
     else:
         vocab = read_vocab(init)
         if (vocab.codebook_size, vocab.tokens_per_image) != (k, n):
@@ -206,10 +214,11 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
                               f"N={vocab.tokens_per_image} but the tokenizer checkpoint gives K={k}, N={n}: pass the "
                               "VQ-GAN stage 1 used")
         theta0 = init.theta0
-    inputs = LLMInputs(cfg, str(out.root), stage=stage.name, tokenizer_dir=str(tok_dir), theta0_dir=str(theta0.root),
-                       init_checkpoint=str(init.root) if init else None, inject_failure_at_step=inject_failure_at_step)
+    inputs = LLMInputs(cfg, str(out.root), hooks.wandb, stage=stage.name, tokenizer_dir=str(tok_dir),
+                       theta0_dir=str(theta0.root), init_checkpoint=str(init.root) if init else None,
+                       report_f1_studies=hooks.report_f1_studies, inject_failure_at_step=inject_failure_at_step)
     outcome = fit(llm_loop, inputs, storage=out.root.parent, name=name, score=("val_loss", "min"),
-                  datasets=stage_datasets(data, cache, heldout), split=())
+                  datasets=stage_datasets(data, cache, heldout), split=(), callbacks=list(hooks.callbacks))
     metrics = {**_best_metrics(outcome), "final": _numeric(outcome.metrics)}
     checkpoint = outcome.best_checkpoint
     h = config_hash([cfg.to_dict()["llm"], cfg.to_dict()[stage.name], str(data), str(tokenizer_checkpoint),
@@ -219,3 +228,22 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
 
         checkpoint = write_bundle(out.bundle, StageCheckpoint(checkpoint), vqgan_dir, encoder_dir, cfg)
     return finish(stage.name, out.root, checkpoint, metrics, h)
+
+
+def ensure_theta0(theta0: Theta0Files, cfg: Config, stage_name: str, model_dir: Location, tok_dir: Location, k: int,
+                  n: int, run_name: str) -> Theta0Files:
+    """theta_0 at ``theta0``, built once (the LM as loaded, its vocabulary extended by K codes and the special
+    tokens at their initial values) and published by its spec file; a run or sweep reuses it after that."""
+    from mavilt.llm.checkpoint import load_tokenizer
+    from mavilt.llm.model import extend_vocabulary, load_lm, save_theta0
+    from mavilt.llm.vocab import JointVocab
+
+    _check_theta0_base(theta0, model_dir, run_name)
+    if not theta0.exists():
+        vocab = JointVocab.for_tokenizer(load_tokenizer(local_dir(tok_dir)), k, n)
+        model, _ = load_lm(local_dir(model_dir), cfg.llm.dtype, with_tokenizer=False)
+        extend_vocabulary(model, vocab, seed=cfg.section(stage_name).seed)
+        with tempfile.TemporaryDirectory(prefix="mavilt-theta0-") as tmp:
+            save_theta0(Theta0Files(tmp), model_dir, model, vocab)
+            publish_dir(tmp, theta0.root, Theta0Files.SPEC)
+    return theta0

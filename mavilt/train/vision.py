@@ -20,7 +20,8 @@ import torch
 from mavilt.checkpoints import EncoderCheckpoint, VQGANCheckpoint
 from mavilt.console import step_progress
 from mavilt.data.raydata import iterate_all, iterate_steps
-from mavilt.train.checkpoint import latest_checkpoint_dir, load_train_state, report, rewind_history, save_train_files
+from mavilt.train.checkpoint import (latest_checkpoint_dir, load_train_state, report, report_finished, save_train_files,
+                                    start_tracking)
 from mavilt.train.inputs import EncoderInputs, LoopInputs, VQGANInputs
 from mavilt.train.worker import Worker, autocast, setup_worker, unwrap
 
@@ -52,11 +53,10 @@ def run_vision_steps(inputs: LoopInputs, w: Worker, spec: VisionSteps, start: in
     import ray.train
 
     b = spec.budget
-    history = inputs.step_output.history
-    rewind_history(history, start, w.is_main)
-    if start >= b.max_steps:  # a finished run started again: nothing to do but say so
-        report({"step": start, "done": 1}, history=history)
+    if start >= b.max_steps:
+        report_finished(inputs, start)
         return
+    tracker = start_tracking(inputs, w.is_main, start, spec.job)
 
     def write(step: int) -> Callable[[Path], None]:
         def _write(d: Path) -> None:
@@ -77,11 +77,12 @@ def run_vision_steps(inputs: LoopInputs, w: Worker, spec: VisionSteps, start: in
             if w.is_main:
                 metrics.update(spec.evaluate(step))
             step_progress(spec.job, step, b.max_steps, metrics, w.rank)
-            report(metrics, write(step) if w.is_main else None, history=history)
+            report(metrics, write(step) if w.is_main else None, tracker=tracker)
             running = {}
         elif step % b.log_every == 0:
             step_progress(spec.job, step, b.max_steps, metrics, w.rank)
-            report(metrics, history=history)
+            report(metrics, tracker=tracker)
+    tracker.close()
 
 
 def _wrap(model: torch.nn.Module, w: Worker) -> torch.nn.Module:
@@ -164,8 +165,9 @@ def vqgan_loop(inputs: VQGANInputs) -> None:
     import ray.train
 
     from mavilt.eval.recon import reconstruction_metrics, save_recon_grid
-    from mavilt.storage import local_path
-    from mavilt.tokenizer.features import load_feature_encoder
+    from mavilt.storage import local_dir, local_path
+    from mavilt.sweeps.objectives import DiagnosisDrift, tokenizer_objective
+    from mavilt.tokenizer.features import CXREncoder, load_feature_encoder
     from mavilt.tokenizer.loss import VQGANLoss
     from mavilt.tokenizer.model import VQGAN, Discriminator
 
@@ -188,6 +190,9 @@ def vqgan_loop(inputs: VQGANInputs) -> None:
     start = restore(state)
     model, disc = _wrap(model, w), _wrap(disc, w)
     val = ray.train.get_dataset_shard("validate")
+    # The sweep's judge: a second encoder that only scores (its weights never see a gradient here).
+    drift = (DiagnosisDrift(CXREncoder.from_pretrained(local_dir(inputs.judge_dir)).to(w.device), inputs.judge_observations)
+             if inputs.judge_dir else None)
     last_layer = unwrap(model).last_layer
     example: list[tuple[torch.Tensor, torch.Tensor]] = []  # the last validation's (inputs, reconstructions)
 
@@ -210,10 +215,13 @@ def vqgan_loop(inputs: VQGANInputs) -> None:
 
     def evaluate(step: int) -> dict[str, float]:
         images = torch.cat([b["image"] for b in iterate_all(val, 256)])
-        metrics, first = reconstruction_metrics(unwrap(model), images, phi, batch_size=128, device=w.device)
-        # The reconstruction part of the training objective (no adversarial term): what checkpoints are kept by.
+        metrics, first = reconstruction_metrics(unwrap(model), images, phi, batch_size=128, device=w.device, drift=drift)
+        # The reconstruction part of the training objective (no adversarial term). It grows with the lambdas, so
+        # it is only logged: checkpoints are kept by val_l1, or in a sweep by the tokenizer objective.
         metrics["loss"] = (vc.lambda_l1 * metrics["l1"] + vc.lambda_grad * metrics["grad_mse"]
                            + vc.lambda_feat * metrics.get("feat_dist", 0.0))
+        if drift is not None:
+            metrics["tokenizer_objective"] = tokenizer_objective(metrics, cfg.tune)
         example[:] = [first]
         save_recon_grid(*first, inputs.step_output.root / f"recon_step{step:06d}.png")
         return {f"val_{k}": v for k, v in metrics.items()}
