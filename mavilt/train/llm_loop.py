@@ -62,7 +62,8 @@ def llm_loop(inputs: LLMInputs) -> None:
             start = int(state["step"])
 
     all_val = _rows("validate")
-    data = LLMData(stage, tc, cfg.llm.max_length, vocab, TextCodec(tokenizer), rank=w.rank,
+    codec = TextCodec(tokenizer)
+    data = LLMData(stage, tc, cfg.llm.max_length, vocab, codec, rank=w.rank,
                    train_rows=_slice(_rows("train"), w), val_rows=_slice(all_val, w),
                    heldout_rows=_slice(_rows(HELDOUT), w), agree_min=lambda n: int(all_reduce([float(n)], "min")[0]))
     # The held-out perplexity of the model this stage starts from: what "language kept" is measured against.
@@ -110,7 +111,7 @@ def llm_loop(inputs: LLMInputs) -> None:
             if validate:
                 metrics.update(evaluate_llm(engine, data, vocab.pad_id, w))
                 if step == tc.max_steps and inputs.report_f1_studies and w.is_main:
-                    metrics["clinical_f1"] = validation_report_f1(engine.module(), stage, vocab, TextCodec(tokenizer),
+                    metrics["clinical_f1"] = validation_report_f1(engine.module(), stage, vocab, codec,
                                                                   all_val, inputs.report_f1_studies, tc.report_section,
                                                                   cfg.generate.max_new_tokens)
                 if ppl_start and "heldout_text_ppl" in metrics:
