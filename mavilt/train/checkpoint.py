@@ -123,5 +123,10 @@ def start_tracking(inputs: "LoopInputs", is_main: bool, start: int, name: str) -
 
 
 def report_finished(inputs: "LoopInputs", start: int) -> None:
-    """A finished run started again has nothing to train: report its last metrics once more (marked done)."""
-    report({**last_report(inputs.step_output.history), "step": start, "done": 1})
+    """A finished run started again has nothing to train: report its last metrics once more (marked done), and
+    log that report to its history (rank 0) like any other."""
+    from mavilt.tracking import Tracker
+
+    history = inputs.step_output.history
+    report({**last_report(history), "step": start, "done": 1},
+           tracker=Tracker(history, inputs.cfg, name="", folder=inputs.output, use_wandb=False))
