@@ -8,6 +8,16 @@ import os
 log = logging.getLogger(__name__)
 
 
+def name_this_cluster() -> None:
+    """Worker start-up hook of a local instance: RAY_ADDRESS names the worker's own cluster. Ray's actors that
+    look their cluster up by address (Train's placement-group cleaner) otherwise fail when a second local Ray
+    runs on the machine (a sweep beside a demo, a test suite beside its subprocess), and the placement groups
+    of stopped trials then keep their CPUs: the next trial's data loading waits for ever."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Initialise Ray once: join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start locally."""
     from mavilt.console import filter_worker_logs, prepare_environment
@@ -24,7 +34,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # Ray's own INFO lines (the dashboard's address, a new auth token) are not the user's business here.
         # Workers reach the same object store as this process (a cluster's nodes carry their own credentials).
-        ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": credentials_env()} if credentials_env() else None)
+        runtime_env = {"worker_process_setup_hook": "mavilt.raycluster.name_this_cluster"}
+        if credentials_env():
+            runtime_env["env_vars"] = credentials_env()
+        ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
         log.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
     filter_worker_logs()

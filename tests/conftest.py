@@ -58,7 +58,8 @@ def ray_session():
     if not ray.is_initialized():
         # Workers import train functions defined in test modules, so they need tests/ on their path.
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "tests")}})
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "tests")},
+                              "worker_process_setup_hook": "mavilt.raycluster.name_this_cluster"})
     yield ray
     # Left running until the interpreter exits: tests after this one may still need it.
 

@@ -117,7 +117,7 @@ def _sweep_cmd(run_dir: Path, storage: Path) -> list[str]:
     # stop them at its first rung; F1 and retention are weighed out so the objective is the validation loss.
     return [sys.executable, str(REPO / "tune" / "sweep_reg.py"), "--run", str(run_dir), "--stage", "stage2",
             "--config", "micro", "--num-samples", "3", "--storage", str(storage), "--name", "shared",
-            "--set", "tune.lr=[1.0e-3, 30.0]", "--set", "tune.seed_reruns=1", "--set", "tune.f1_weight=0",
+            "--set", "tune.lr=[1.0e-3, 30.0]", "--set", "tune.seed_reruns=0", "--set", "tune.f1_weight=0",
             "--set", "tune.retention_weight=0"]
 
 
@@ -155,7 +155,6 @@ def shared_sweep(micro_run, tmp_path_factory):
 
 @pytest.mark.ray
 @pytest.mark.e2e
-@pytest.mark.slow  # the restarted driver hung once (issue 10 still open): off the default suite until fixed
 def test_sweep_survives_its_driver_and_reruns_do_not_start_over(shared_sweep):
     before, after, final = shared_sweep["before"], shared_sweep["after"], shared_sweep["final"]
     assert before, "no trial finished before the driver was killed"
@@ -169,7 +168,6 @@ def test_sweep_survives_its_driver_and_reruns_do_not_start_over(shared_sweep):
 
 @pytest.mark.ray
 @pytest.mark.e2e
-@pytest.mark.slow
 def test_sweep_results_table_best_config_and_early_stopping(shared_sweep, ray_session, tmp_path):
     import csv
 
@@ -203,7 +201,6 @@ def test_sweep_results_table_best_config_and_early_stopping(shared_sweep, ray_se
 
 @pytest.mark.ray
 @pytest.mark.e2e
-@pytest.mark.slow
 def test_tokenizer_trial_logs_to_offline_wandb(micro_run, ray_session, tmp_path):
     from mavilt.sweeps.runner import run_sweep
     from mavilt.sweeps.spec import resolve_upstream
@@ -221,3 +218,14 @@ def test_tokenizer_trial_logs_to_offline_wandb(micro_run, ray_session, tmp_path)
     files = list((tmp_path / "tok" / "search" / "wandb").rglob("*.wandb"))
     assert files, "no offline wandb run under the sweep's folder"
     assert b"val_tokenizer_objective" in b"".join(f.read_bytes() for f in files)
+
+
+@pytest.mark.ray
+def test_a_local_instance_names_itself_to_its_workers_beside_another(ray_session):
+    # Two local Ray instances on one machine (this suite's and a sweep's): Ray's actors that look their cluster
+    # up by address must find their own, or the placement groups of stopped trials are never freed.
+    code = ("import os, ray; from mavilt.raycluster import ensure_ray; ensure_ray(1); "
+            "f = ray.remote(lambda: os.environ.get('RAY_ADDRESS')); "
+            "print(ray.get(f.remote()) == ray.get_runtime_context().gcs_address)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]

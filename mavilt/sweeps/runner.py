@@ -8,6 +8,7 @@ Layout of ``<storage>/<name>/``::
     theta0/           stage-1 sweeps: theta_0, built once for every trial
     search/           the Tune experiment (its state lets a re-run continue), trials/<trial id>/<step>/ beside it
     seeds/            the best and the preset's trials again with more seeds (a second Tune experiment)
+    grid/             an ablation's given points instead (run_grid)
     results/          table.csv, table.md, plots, best.yaml, best.json, result.json (published last)
 
 Re-running with the same name continues: finished trials are kept, unfinished ones resume (their step resumes
@@ -67,6 +68,8 @@ def _trial(config: dict[str, Any], *, spec: SweepSpec, cfg_dict: dict[str, Any],
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from mavilt.runs import StepOutput
+    from mavilt.train.checkpoint import last_report
     from mavilt.train.steps import StepHooks, run_stage, run_vqgan
 
     point = dict(config.get("rerun", config))
@@ -74,6 +77,12 @@ def _trial(config: dict[str, Any], *, spec: SweepSpec, cfg_dict: dict[str, Any],
     point.pop("label", None)
     cfg = spec.trial_config(config_from_dict(cfg_dict), point, seed_offset)
     storage = Location.of(experiment) / "trials" / ray.tune.get_context().get_trial_id()
+    step_output = StepOutput(storage / spec.step)
+    if step_output.result.is_file():
+        # The step finished but the driver was killed before Tune recorded it: hand Tune the last report again
+        # (the trial's config is its own, so the result stands) and train nothing.
+        ray.tune.report({**last_report(step_output.history), "done": 1})
+        return
     hooks = StepHooks(callbacks=(TuneReportCallback(),), wandb=False, judge_dir=shared.judge_dir,
                       judge_observations=shared.judge_observations, theta0_dir=shared.theta0_dir,
                       report_f1_studies=cfg.tune.f1_studies)
@@ -220,8 +229,32 @@ def run_sweep(spec: SweepSpec, cfg: Config, upstream: Upstream, storage: str, na
     if reruns:
         progress(f"{spec.job}: the best and the preset's trials again with {t.seed_reruns} more seeds "
                  f"({len(reruns)} runs)")
-        seeds = _tuner(spec, cfg, upstream, shared, root, "seeds", {"rerun": ray.tune.grid_search(reruns)},
-                       ray.tune.TuneConfig(metric=spec.metric, mode="min", max_concurrent_trials=concurrent),
-                       t.max_failures)
-        rerun_trials = collect(seeds.fit(), spec, steps, root / "seeds")
+        rerun_trials = _run_points(spec, cfg, upstream, shared, root, "seeds", reruns, concurrent)
     return write_results(spec, cfg, root, trials, rerun_trials, preset, seconds=time.perf_counter() - t0)
+
+
+def _run_points(spec: SweepSpec, cfg: Config, upstream: Upstream, shared: Shared, root: Location, experiment: str,
+                points: list[dict[str, Any]], concurrent: int) -> list:
+    """Given points (each with its ``label`` and ``seed_offset``), every one run to the end as one Tune
+    experiment (a grid: no search, no early stopping), continued like the search on a re-run."""
+    import ray.tune
+
+    from mavilt.sweeps.results import collect
+
+    grid = _tuner(spec, cfg, upstream, shared, root, experiment, {"rerun": ray.tune.grid_search(points)},
+                  ray.tune.TuneConfig(metric=spec.metric, mode="min", max_concurrent_trials=concurrent),
+                  cfg.tune.max_failures)
+    return collect(grid.fit(), spec, spec.budget(cfg)[0], root / experiment)
+
+
+def run_grid(spec: SweepSpec, cfg: Config, upstream: Upstream, storage: str, name: str, points: list[dict[str, Any]],
+             *, max_concurrent: int | None = None, judge_checkpoint: str | None = None) -> list:
+    """An ablation on the sweep machinery: the given points (config values outside the search ranges too, such
+    as a lambda of 0), each a trial of the sweep's budget scored by the same objective. Rows, in trial order."""
+    from mavilt.raycluster import ensure_ray
+
+    ensure_ray()
+    root = Location.of(storage) / name
+    root.mkdir()
+    shared = prepare_shared(spec, cfg, upstream, root, judge_checkpoint)
+    return _run_points(spec, cfg, upstream, shared, root, "grid", points, max_concurrent_trials(cfg, max_concurrent))
