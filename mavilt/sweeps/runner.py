@@ -149,7 +149,9 @@ def _judge(cfg: Config, upstream: Upstream, root: Location, judge_checkpoint: st
         result = read_result(Location.of(judge_checkpoint).parent) or {}
         where = Location.of(judge_checkpoint).uri
     else:
-        judge_cfg = cfg.with_overrides([f"encoder.seed={cfg.tune.judge_seed}"], source="the judge")
+        # The judge's own config names phi's seed as its judge's, so it passes the check that the two differ.
+        judge_cfg = cfg.with_overrides([f"encoder.seed={cfg.tune.judge_seed}", f"tune.judge_seed={cfg.encoder.seed}"],
+                                       source="the judge")
         h = config_hash([judge_cfg.to_dict()["encoder"], upstream.data])
         result = read_result(root / "judge")
         if not result or result.get("judge_hash") != h:
