@@ -9,6 +9,7 @@ problem and keeps its traceback. ``--debug`` shows the traceback of user errors 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -51,7 +52,9 @@ def run_job(fn: Callable[[Config], dict[str, Any]], args: argparse.Namespace, *,
     quiet_libraries()
     try:
         cfg = load_config(args.config, args.overrides) if with_config else None
-        result = fn(cfg)
+        # Whatever a library prints while the job runs (Tune's trial tables, Ray's worker lines) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = fn(cfg)
     except MavilError as e:
         if debug:
             raise

@@ -148,7 +148,7 @@ def shared_sweep(micro_run, tmp_path_factory):
     # 3. And once more: nothing starts over.
     again = subprocess.run(_sweep_cmd(run_dir, storage), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    return {"root": root, "result": json.loads(done.stdout.strip().splitlines()[-1]), "before": before_restart,
+    return {"root": root, "stdout": done.stdout, "result": json.loads(done.stdout.strip().splitlines()[-1]), "before": before_restart,
             "after": after, "again": json.loads(again.stdout.strip().splitlines()[-1]), "final": _finished_trials(root),
             "run_dir": run_dir}
 
@@ -162,6 +162,7 @@ def test_sweep_survives_its_driver_and_reruns_do_not_start_over(shared_sweep):
         assert after[trial] == mtime, f"trial {trial} finished before the kill but was run again"
     assert final == after
     r, again = shared_sweep["result"], shared_sweep["again"]
+    assert shared_sweep["stdout"].count("\n") == 1, "a job's stdout is exactly its result line (Tune's tables: stderr)"
     assert r["metrics"]["trials"] == again["metrics"]["trials"] == 3
     assert again["metrics"]["best"] == r["metrics"]["best"]
 
