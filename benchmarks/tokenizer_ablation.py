@@ -1,13 +1,15 @@
-"""Tokenizer ablation on the tiny preset (the tokenizer issue's table): PSNR, SSIM, edge error and codebook
-usage, mean ± std over seeds, for
+"""Tokenizer ablation on the tiny preset (the tokenizer issue's table): the judge's diagnosis drift, PSNR, SSIM,
+edge error and codebook usage, mean ± std over seeds, for
 
-  (a) the default loss, (b) lambda_grad = 0, (c) lambda_feat = 0, (d) a patch k-means codebook with the same
+  (a) the preset's loss, (b) lambda_grad = 0, (c) lambda_feat = 0, (d) a patch k-means codebook with the same
   token budget (N codes from K entries per image) as a non-learned baseline,
 
-plus the in-house encoder's per-finding validation AUROC. Everything runs with the preset's step budget on CPU.
+plus phi's per-finding validation AUROC. The VQ-GAN variants run on the sweep machinery (mavilt.sweeps.runner.
+run_grid): each is a tokenizer-sweep trial (budget tune.tokenizer_steps), scored by the sweep's judge, and a
+second run with the same --runs continues where the first stopped.
 
-python benchmarks/tokenizer_ablation.py [--config tiny] [--seeds 0 1 2] [--runs runs/ablation]
-    [--data DIR] [--encoder-checkpoint PATH]   (reuse a prepared dataset / trained encoder, e.g. from runs/demo)
+python benchmarks/tokenizer_ablation.py [--config tiny] [--seeds 0 1 2] [--runs runs/ablation] [--set k=v ...]
+    [--run runs/demo | --data DIR --encoder-checkpoint PATH]   (reuse a run's dataset and encoder)
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = {"default": [], "lambda_grad=0": ["vqgan.lambda_grad=0"], "lambda_feat=0": ["vqgan.lambda_feat=0"]}
-KEYS = ("psnr", "ssim", "edge_error", "usage")
+VARIANTS = {"default": {}, "lambda_grad=0": {"vqgan.lambda_grad": 0.0}, "lambda_feat=0": {"vqgan.lambda_feat": 0.0}}
+KEYS = ("judge_drift", "psnr", "ssim", "edge_error", "usage")
+HEADERS = ("judge drift", "PSNR (dB)", "SSIM", "edge error", "codebook usage")
 
 
-def kmeans_baseline(cfg, data: Path, seed: int, encoder_dir: Path | None) -> dict[str, float]:
+def kmeans_baseline(cfg, data: Path, seed: int, encoder_dir: Path, judge_dir: str, observations) -> dict[str, float]:
     import torch
 
     from mavilt.data.shards import images_array, read_rows
     from mavilt.eval.recon import reconstruction_metrics
+    from mavilt.storage import local_dir
+    from mavilt.sweeps.objectives import DiagnosisDrift
     from mavilt.tokenizer.features import CXREncoder
     from mavilt.tokenizer.kmeans import PatchKMeansTokenizer
 
@@ -37,18 +42,10 @@ def kmeans_baseline(cfg, data: Path, seed: int, encoder_dir: Path | None) -> dic
     train = torch.from_numpy(images_array([r["image"] for r in read_rows(data, "train", columns=["image"])]))
     val = torch.from_numpy(images_array([r["image"] for r in read_rows(data, "validate", columns=["image"])]))
     km = PatchKMeansTokenizer(patch=cfg.vqgan.downsample, K=cfg.vqgan.codebook_size, seed=seed).fit(train)
-    phi = CXREncoder.from_pretrained(encoder_dir).eval() if encoder_dir else None
-    m, _ = reconstruction_metrics(km, val, phi)
+    phi = CXREncoder.from_pretrained(local_dir(encoder_dir)).eval()
+    drift = DiagnosisDrift(CXREncoder.from_pretrained(local_dir(judge_dir)), observations)
+    m, _ = reconstruction_metrics(km, val, phi, drift=drift)
     return m
-
-
-def same_vqgan_config(run_dir: Path, cfg) -> bool:
-    """An earlier run is reused only when it was trained with this variant's VQ-GAN settings (the preset may
-    have changed since)."""
-    from mavilt.config import load_config
-
-    saved = run_dir / "config.yaml"
-    return saved.exists() and load_config(str(saved)).to_dict()["vqgan"] == cfg.to_dict()["vqgan"]
 
 
 def main() -> None:
@@ -58,46 +55,57 @@ def main() -> None:
     from mavilt.data.prepare import prepare_dataset
     from mavilt.raycluster import ensure_ray
     from mavilt.runs import read_result, write_json
-    from mavilt.train.steps import run_encoder, run_vqgan
+    from mavilt.storage import Location
+    from mavilt.sweeps.runner import prepare_shared, run_grid
+    from mavilt.sweeps.spec import Param, SweepSpec, resolve_upstream
+    from mavilt.train.steps import run_encoder
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seed offsets from the preset's vqgan.seed")
     p.add_argument("--runs", default="runs/ablation")
+    p.add_argument("--run", help="a finished pipeline run (runs/demo): its dataset and encoder")
     p.add_argument("--data")
     p.add_argument("--encoder-checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args()
     setup_logging()
     ensure_ray()
     runs = Path(a.runs).resolve()
-    cfg = load_config(a.config)
-    data = Path(a.data) if a.data else runs / "data"
-    if not (data / "manifest.json").exists():
-        prepare_dataset("synthetic", data, cfg)
-    enc_ckpt = a.encoder_checkpoint
-    if enc_ckpt is None:
-        done = read_result(runs / "encoder")
-        enc_ckpt = done["checkpoint"] if done else run_encoder(cfg, data, runs, "encoder")["checkpoint"]
-    encoder_result = read_result(Path(enc_ckpt).parent) or {}
+    cfg = load_config(a.config, a.overrides)
+    data, enc_ckpt = a.data, a.encoder_checkpoint
+    if a.run is None:
+        data = data or str(runs / "data")
+        if not (Path(data) / "manifest.json").exists():
+            prepare_dataset("synthetic", Path(data), cfg)
+        if enc_ckpt is None:
+            done = read_result(runs / "encoder")
+            enc_ckpt = done["checkpoint"] if done else run_encoder(cfg, data, runs, "encoder")["checkpoint"]
+    spec = SweepSpec("tokenizer_ablation", "vqgan", (Param("vqgan.lambda_grad", *cfg.tune.lambda_grad),
+                                                    Param("vqgan.lambda_feat", *cfg.tune.lambda_feat)))
+    upstream = resolve_upstream(spec, cfg, a.run, data=data, encoder_checkpoint=enc_ckpt)
+    preset = {"vqgan.lambda_grad": cfg.vqgan.lambda_grad, "vqgan.lambda_feat": cfg.vqgan.lambda_feat}
+    points = [{**preset, **over, "label": name, "seed_offset": seed} for name, over in VARIANTS.items() for seed in a.seeds]
+    # Each variant is a trial of the tokenizer sweep's budget, scored by its judge: the same machinery.
+    rows = run_grid(spec, cfg, upstream, str(runs), "tokenizer_ablation", points)
     results: dict[str, list[dict[str, float]]] = {}
-    for name, over in VARIANTS.items():
-        for seed in a.seeds:
-            run_name = f"vqgan-{name.replace('=', '')}-s{seed}"
-            run_cfg = load_config(a.config, over + [f"vqgan.seed={seed}"])
-            done = read_result(runs / run_name) if same_vqgan_config(runs / run_name, run_cfg) else None
-            r = done or run_vqgan(run_cfg, data, runs, run_name, enc_ckpt)
-            results.setdefault(name, []).append({k: r["metrics"][f"val_{k}"] for k in KEYS})
+    for row in rows:
+        results.setdefault(row.label, []).append({k: row.metrics.get(f"val_{k}", float("nan")) for k in KEYS})
+    judge = prepare_shared(spec, cfg, upstream, Location.of(str(runs)) / "tokenizer_ablation", None)  # trained above
     for seed in a.seeds:
-        m = kmeans_baseline(cfg, data, seed, EncoderCheckpoint.find_model(enc_ckpt))
-        results.setdefault("patch k-means", []).append({k: m[k] for k in KEYS})
+        encoder_dir = EncoderCheckpoint.find_model(upstream.encoder_checkpoint)
+        m = kmeans_baseline(cfg, Location.of(upstream.data).local_path, cfg.vqgan.seed + seed, encoder_dir,
+                            judge.judge_dir, judge.judge_observations)
+        results.setdefault("patch k-means", []).append({k: m.get(k, float("nan")) for k in KEYS})
 
     table = {name: {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))) for k in KEYS}
              for name, rs in results.items()}
-    lines = ["| tokenizer | PSNR (dB) | SSIM | edge error | codebook usage |", "|---|---|---|---|---|"]
+    lines = ["| tokenizer | " + " | ".join(HEADERS) + " |", "|---" * (len(KEYS) + 1) + "|"]
     for name, t in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{t[k][0]:.4f} ± {t[k][1]:.4f}" for k in KEYS) + " |")
+    encoder_result = read_result(Location.of(upstream.encoder_checkpoint).parent) or {}
     aucs = {k.split("/", 1)[1]: v for k, v in encoder_result.get("metrics", {}).items() if k.startswith("val_auroc/")}
-    lines += ["", "Encoder validation AUROC: " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items())]
+    lines += ["", "phi's validation AUROC: " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items())]
     g, d = table["default"]["edge_error"], table["lambda_grad=0"]["edge_error"]
     verdict = "beyond" if d[0] - g[0] > g[1] + d[1] else "NOT beyond"
     lines.append(f"Gradient term: edge error {g[0]:.4f} vs {d[0]:.4f} without it ({verdict} the seed spread, sum of stds "
