@@ -92,8 +92,8 @@ def main() -> None:
     for row in rows:
         results.setdefault(row.label, []).append({k: row.metrics.get(f"val_{k}", float("nan")) for k in KEYS})
     judge = prepare_shared(spec, cfg, upstream, Location.of(str(runs)) / "tokenizer_ablation", None)  # trained above
+    encoder_dir = EncoderCheckpoint.find_model(upstream.encoder_checkpoint)
     for seed in a.seeds:
-        encoder_dir = EncoderCheckpoint.find_model(upstream.encoder_checkpoint)
         m = kmeans_baseline(cfg, Location.of(upstream.data).local_path, cfg.vqgan.seed + seed, encoder_dir,
                             judge.judge_dir, judge.judge_observations)
         results.setdefault("patch k-means", []).append({k: m.get(k, float("nan")) for k in KEYS})

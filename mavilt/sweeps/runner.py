@@ -75,7 +75,7 @@ def _trial(config: dict[str, Any], *, spec: SweepSpec, cfg_dict: dict[str, Any],
     point = dict(config.get("rerun", config))
     seed_offset = int(point.pop("seed_offset", 0))
     point.pop("label", None)
-    cfg = spec.trial_config(config_from_dict(cfg_dict), point, seed_offset)
+    cfg = spec.trial_config(config_from_dict(cfg_dict), point, seed_offset, last_report_only="rerun" in config)
     storage = Location.of(experiment) / "trials" / ray.tune.get_context().get_trial_id()
     step_output = StepOutput(storage / spec.step)
     if step_output.result.is_file():

@@ -49,10 +49,17 @@ class SweepSpec:
                                   "widen the tune range so the preset's trial is a point of the search")
         return point
 
-    def trial_config(self, cfg: Config, point: dict[str, float], seed_offset: int = 0) -> Config:
+    def trial_config(self, cfg: Config, point: dict[str, float], seed_offset: int = 0, last_report_only: bool = False
+                     ) -> Config:
         """The config one trial trains with: the point, the trial budget, every report a validation (Tune needs
-        the objective in each), and the step's seed moved by ``seed_offset`` (the seed re-runs)."""
+        the objective in each), and the step's seed moved by ``seed_offset`` (the seed re-runs).
+
+        ``last_report_only``: one validation, at the last step. A stage's seed re-run is scored by its last report
+        and nothing stops it early, and its steps do not depend on when it validates (each batch is a function of
+        seed and step), so the validations along the way would only cost time."""
         steps, every = self.budget(cfg)
+        if last_report_only and self.step != "vqgan":
+            every = steps
         sec = self.section
         over: dict[str, Any] = {f"{sec}.max_steps": steps, f"{sec}.eval_every": every, f"{sec}.log_every": every,
                                 f"{sec}.seed": cfg.section(sec).seed + seed_offset, **point}

@@ -184,7 +184,6 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
     if not stage.uses_images:
         raise ConfigError(f"{stage_name} is not an image stage; run it with jobs/{stage_name}.py")
     name = name or stage.name
-    tc = cfg.section(stage.name)
     # Every user-given path is checked before anything slow starts.
     vqgan_dir = VQGANCheckpoint.find_model(tokenizer_checkpoint, "--tokenizer-checkpoint")
     if stage.starts_from == "pretrained_lm":
