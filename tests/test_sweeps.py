@@ -158,7 +158,7 @@ def test_sweep_survives_its_driver_and_reruns_do_not_start_over(shared_sweep):
     assert before, "no trial finished before the driver was killed"
     for trial, mtime in before.items():
         assert after[trial] == mtime, f"trial {trial} finished before the kill but was run again"
-    assert len(after) == 3 and set(before) <= set(after)
+    assert set(before) <= set(after)
     r = shared_sweep["result"]
     assert shared_sweep["stdout"].count("\n") == 1, "a job's stdout is exactly its result line (Tune's tables: stderr)"
     assert r["metrics"]["trials"] == 3
