@@ -253,6 +253,8 @@ class TuneConfig:
     retention_weight: float = setting(1.0, "stage objective: weight of ln(held-out perplexity / the start's)")
     f1_weight: float = setting(1.0, "stage objective: weight of the clinical F1 of generated reports")
     f1_studies: int = setting(100, "stage objective: fixed validation studies whose generated reports are scored")
+    val_studies: int = setting(0, "stage trials: fixed validation studies their validation losses are measured on "
+                                  "(0: all); trials also skip the image-gain diagnostic")
 
 
 @dataclass

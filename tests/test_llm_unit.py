@@ -328,3 +328,43 @@ def test_nucleus_sampling_keeps_the_top_mass():
             for s in range(200)}
     assert seen == {0, 1}
     assert int(sample_logits(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None)) == 0
+
+
+def test_codes_attach_by_image_id_and_an_image_without_codes_names_the_fix():
+    import pyarrow as pa
+
+    from mavilt.errors import DatasetError
+    from mavilt.train.codes import attach_codes
+
+    table = pa.table({"image_id": ["b", "a"], "findings": ["x", "y"]})
+    codes = {"a": np.array([1, 2], np.int16), "b": np.array([3, 4], np.int16)}
+    assert attach_codes(table, codes).column("codes").to_pylist() == [[3, 4], [1, 2]]
+    with pytest.raises(DatasetError, match="1 images have no codes.*first: b.*delete the dataset's codes/ folder"):
+        attach_codes(table, {"a": codes["a"]})
+
+
+def test_a_sweep_trials_validation_is_a_fixed_subset_of_studies_without_the_image_gain_groups(small):
+    from mavilt.data.shards import first_studies
+    from mavilt.llm.data import HELDOUT, SHUFFLED, LLMData
+    from mavilt.llm.stages import get_stage
+
+    # Two images per study: the subset keeps whole studies, the first ones by study id, whatever the order.
+    rows = [{**row(), "study_id": f"s{i // 2:02d}", "image_id": f"i{i:02d}"} for i in range(20)][::-1]
+    kept = first_studies(rows, 3)
+    assert sorted(r["image_id"] for r in kept) == [f"i{i:02d}" for i in range(6)]
+    assert first_studies(rows, 100) == rows
+
+    cfg = small["cfg"]
+    stage = get_stage("stage2")
+
+    def groups(**kw):
+        data = LLMData(stage, cfg.stage2, 200, small["vocab"], small["codec"], rank=0, train_rows=rows,
+                       val_rows=kept, heldout_rows=[{"text": TEXTS[0]}], agree_min=lambda n: n, **kw)
+        first = data.validation_groups()
+        assert data.validation_groups() is first  # built once per run
+        return first
+
+    full, trial = groups(), groups(image_gain=False)
+    assert {"report", "synthesize", "vqa", HELDOUT} <= set(trial)
+    assert set(full) - set(trial) == {f"report{SHUFFLED}", f"vqa{SHUFFLED}"}  # the image-conditioned tasks
+    assert sum(len(b) for b in trial["report"]) == 6 * cfg.stage2.task_weights["report"]  # drawn from the kept images

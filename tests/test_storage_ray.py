@@ -137,3 +137,15 @@ def test_a_code_cache_build_killed_half_way_is_never_read_and_the_next_build_rep
     attempts = [x.name for x in cache.root.iterdir() if x.name != CodeCache.MARKER]
     assert len(attempts) == 1 and cache.published()["attempt"] == attempts[0]  # the dead attempt is gone
     assert len(cache.load("train")) == len(read_rows(f"{bucket}/data", "train", columns=["image_id"]))
+
+    # The stage's datasets, read from the store on the driver: every row with its own image's codes.
+    import numpy as np
+
+    from mavilt.train.codes import stage_datasets
+
+    datasets = stage_datasets(f"{bucket}/data", cache, ["a held-out report"])
+    for split in ("train", "validate"):
+        codes, rows = cache.load(split), datasets[split].take_all()
+        assert sorted(r["image_id"] for r in rows) == sorted(codes)
+        assert all(np.array_equal(r["codes"], codes[r["image_id"]]) and r["findings"] is not None for r in rows)
+    assert datasets["heldout_text"].take_all() == [{"text": "a held-out report"}]

@@ -157,6 +157,12 @@ def report_text(row: dict[str, Any], section: str) -> str:
 VIEW_PREFERENCE = ("PA", "AP")
 
 
+def first_studies(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Every image of the first ``n`` studies by study id: the same fixed subset in every run."""
+    keep = set(sorted({str(r["study_id"]) for r in rows})[:n])
+    return [r for r in rows if str(r["study_id"]) in keep]
+
+
 def one_image_per_study(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Report metrics are per study: keep one image per study, preferring PA, then AP, then the first id."""
     best: dict[str, tuple[tuple[int, str], dict[str, Any]]] = {}

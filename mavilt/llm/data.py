@@ -25,10 +25,10 @@ SHUFFLED = "@shuffled"  # suffix of a validation group scored with another study
 class LLMData:
     def __init__(self, stage: Stage, tc: LLMTrainConfig, max_length: int, vocab: JointVocab, codec: TextCodec, *,
                  rank: int, train_rows: list[Row], val_rows: list[Row] | None, heldout_rows: list[Row] | None,
-                 agree_min: Callable[[int], int]):
+                 agree_min: Callable[[int], int], image_gain: bool = True):
         """``val_rows`` / ``heldout_rows`` are None when the run has no such dataset at all (every rank must
         then agree on the validation groups), and a possibly empty list when this rank's share is empty."""
-        self.stage, self.tc, self.agree_min = stage, tc, agree_min
+        self.stage, self.tc, self.agree_min, self.image_gain = stage, tc, agree_min, image_gain
         self.seed = tc.seed * 1000 + rank
         self.weights = stage.task_weights(tc.task_weights if isinstance(tc, StageConfig) else None)
         self.settings = ExampleSettings(
@@ -42,6 +42,7 @@ class LLMData:
         self._epoch = -1
         self._batches: list[list[int]] = []
         self._examples: list[Example] = []
+        self._val_groups: dict[str, list[list[Example]]] | None = None
         self.batches_per_epoch = self._build_epoch(0)
 
     def _epoch_examples(self, epoch: int, rows: list[Row], *, dropout: bool = True) -> list[Example]:
@@ -71,14 +72,21 @@ class LLMData:
     def validation_groups(self) -> dict[str, list[list[Example]]]:
         """Validation batches per task, plus held-out text, plus each image-conditioned task with another
         study's image. Every rank gets the same group names (possibly with no batches of its own), because each
-        group is an all-reduce all ranks must join."""
+        group is an all-reduce all ranks must join. Built once: every validation of a run scores the same
+        examples."""
+        if self._val_groups is None:
+            self._val_groups = self._validation_groups()
+        return self._val_groups
+
+    def _validation_groups(self) -> dict[str, list[list[Example]]]:
         size = max(self.tc.batch_size, 1)
         names: list[str] = []
         if self.has_validation:
             names += [t for t, wt in sorted(self.weights.items()) if wt > 0]
         if self.has_heldout:
             names.append(HELDOUT)
-        shuffled = [f"{n}{SHUFFLED}" for n in names if n != HELDOUT and get_task(n).image_conditioned]
+        shuffled = ([f"{n}{SHUFFLED}" for n in names if n != HELDOUT and get_task(n).image_conditioned]
+                    if self.image_gain else [])
         groups: dict[str, list[Example]] = {n: [] for n in names + shuffled}
         if self.val_rows:
             for e in self._epoch_examples(0, self.val_rows, dropout=False):

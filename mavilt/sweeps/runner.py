@@ -85,7 +85,7 @@ def _trial(config: dict[str, Any], *, spec: SweepSpec, cfg_dict: dict[str, Any],
         return
     hooks = StepHooks(callbacks=(TuneReportCallback(),), wandb=False, judge_dir=shared.judge_dir,
                       judge_observations=shared.judge_observations, theta0_dir=shared.theta0_dir,
-                      report_f1_studies=cfg.tune.f1_studies)
+                      report_f1_studies=cfg.tune.f1_studies, val_studies=cfg.tune.val_studies, image_gain=False)
     if spec.step == "vqgan":
         run_vqgan(cfg, upstream.data, storage, spec.step, upstream.encoder_checkpoint, hooks)
     else:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mavilt.data.shards import SPLITS, check_dataset, images_array, ray_dataset, split_files
+from mavilt.data.shards import SPLITS, check_dataset, images_array, split_files
 from mavilt.errors import DatasetError
 from mavilt.hashing import content_hash
 from mavilt.storage import Location, local_dir, ray_read_parquet, read_parquet, write_parquet
@@ -181,39 +181,37 @@ def _write(rows: list[dict[str, Any]], out: Location) -> None:
 # ---- the LLM stages' datasets ------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_codes(files: tuple[Location, ...]) -> dict[str, np.ndarray]:
-    """One split's map per process, keyed by the published files (a rebuilt cache is another attempt)."""
-    return read_codes(list(files))
+STAGE_COLUMNS = ["study_id", "image_id", "view", "findings", "impression", "labels", "vqa"]
 
 
-def attach_codes(batch: pa.Table, files: tuple[Location, ...]) -> pa.Table:
-    """Ray Data map: a ``codes`` column from the code cache, by image_id."""
-    codes = _cached_codes(tuple(files))
-    ids = batch.column("image_id").to_pylist()
+def attach_codes(table: pa.Table, codes: dict[str, np.ndarray]) -> pa.Table:
+    """A ``codes`` column from the code cache's map, by image_id."""
+    ids = table.column("image_id").to_pylist()
     missing = [i for i in ids if i not in codes]
     if missing:
         raise DatasetError(f"{len(missing)} images have no codes in the cache (first: {missing[0]}); delete the "
                            "dataset's codes/ folder and re-run")
-    return batch.append_column("codes", pa.array([codes[i].tolist() for i in ids], type=pa.list_(pa.int16())))
+    return table.append_column("codes", pa.array([codes[i].tolist() for i in ids], type=pa.list_(pa.int16())))
 
 
 def stage_datasets(data: str | Path | Location, cache: CodeCache | None, heldout: list[str]) -> dict[str, Any]:
     """The Ray datasets of an LLM stage: training and validation rows with their cached codes attached (when
     the stage reads images), and the held-out text.
 
-    Materialised on the driver before training starts: the rows are small (ids and text), every worker pulls
-    them once, and the train workers then never compete with Ray Data for CPUs."""
+    Read on the driver with pyarrow (only the small columns: ids, text, labels) and handed to Ray as one block
+    per shard: every worker reads each dataset whole anyway (:func:`mavilt.train.llm_loop._rows`), and a Ray
+    Data read-and-map pipeline cost about 20 s of start-up per run, paid again by every sweep trial."""
     import ray.data
 
     out = {}
     if cache is not None:
-        cols = ["study_id", "image_id", "view", "findings", "impression", "labels", "vqa"]
         for split in ("train", "validate"):
-            ds = ray_dataset(data, split, columns=cols)
-            out[split] = ds.map_batches(attach_codes, fn_kwargs={"files": tuple(cache.split_files(split))},
-                                        batch_format="pyarrow").materialize()
-    out["heldout_text"] = ray.data.from_items([{"text": t} for t in heldout]).materialize()
+            files = split_files(data, split)
+            if not files:
+                raise DatasetError(f"split '{split}' of {data} has no Parquet files")
+            codes = cache.load(split)
+            out[split] = ray.data.from_arrow([attach_codes(read_parquet(f, columns=STAGE_COLUMNS), codes) for f in files])
+    out["heldout_text"] = ray.data.from_items([{"text": t} for t in heldout])
     return out
 
 

@@ -44,5 +44,7 @@ class LLMInputs(LoopInputs):
     theta0_dir: str | None = None  # regularized stages: theta_0
     init_checkpoint: str | None = None  # stage 2: the stage-1 checkpoint it starts from
     report_f1_studies: int = 0  # sweeps: clinical F1 of reports generated for this many validation studies, last report
+    val_studies: int = 0  # sweeps: validation losses over this many fixed studies (0: all)
+    image_gain: bool = True  # validation also scores each image task with another study's image (a diagnostic)
     # Tests of fault tolerance: raise once after this step, in the first attempt only.
     inject_failure_at_step: int | None = None

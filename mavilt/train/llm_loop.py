@@ -19,6 +19,7 @@ import torch
 from mavilt.checkpoints import StageCheckpoint
 from mavilt.console import step_progress
 from mavilt.data.raydata import shard_rows
+from mavilt.data.shards import first_studies
 from mavilt.llm.checkpoint import build_starting_model, save_model_parts
 from mavilt.llm.data import HELDOUT, SHUFFLED, LLMData
 from mavilt.llm.regularization import Regularizer
@@ -62,10 +63,12 @@ def llm_loop(inputs: LLMInputs) -> None:
             start = int(state["step"])
 
     all_val = _rows("validate")
+    val_rows = first_studies(all_val, inputs.val_studies) if all_val and inputs.val_studies else all_val
     codec = TextCodec(tokenizer)
     data = LLMData(stage, tc, cfg.llm.max_length, vocab, codec, rank=w.rank,
-                   train_rows=_slice(_rows("train"), w), val_rows=_slice(all_val, w),
-                   heldout_rows=_slice(_rows(HELDOUT), w), agree_min=lambda n: int(all_reduce([float(n)], "min")[0]))
+                   train_rows=_slice(_rows("train"), w), val_rows=_slice(val_rows, w),
+                   heldout_rows=_slice(_rows(HELDOUT), w), agree_min=lambda n: int(all_reduce([float(n)], "min")[0]),
+                   image_gain=inputs.image_gain)
     # The held-out perplexity of the model this stage starts from: what "language kept" is measured against.
     ppl_start = (state or {}).get("heldout_ppl_start")
     if ppl_start is None and stage.regularized and data.has_heldout:

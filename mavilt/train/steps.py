@@ -41,6 +41,8 @@ class StepHooks:
     judge_observations: tuple[str, ...] = ()
     theta0_dir: str | None = None  # stage 1: a theta_0 built once and shared (default: the run folder's own)
     report_f1_studies: int = 0  # LLM stages: clinical F1 of generated validation reports at the last report
+    val_studies: int = 0  # LLM stages: validation losses over this many fixed studies (0: all)
+    image_gain: bool = True  # LLM stages: the image-gain diagnostic in every validation
 
 
 def _prepare_out(storage: str | Path | Location, name: str, cfg: Config, data: str | Path | None = None) -> StepOutput:
@@ -215,7 +217,8 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
         theta0 = init.theta0
     inputs = LLMInputs(cfg, str(out.root), hooks.wandb, stage=stage.name, tokenizer_dir=str(tok_dir),
                        theta0_dir=str(theta0.root), init_checkpoint=str(init.root) if init else None,
-                       report_f1_studies=hooks.report_f1_studies, inject_failure_at_step=inject_failure_at_step)
+                       report_f1_studies=hooks.report_f1_studies, val_studies=hooks.val_studies,
+                       image_gain=hooks.image_gain, inject_failure_at_step=inject_failure_at_step)
     outcome = fit(llm_loop, inputs, storage=out.root.parent, name=name, score=("val_loss", "min"),
                   datasets=stage_datasets(data, cache, heldout), split=(), callbacks=list(hooks.callbacks))
     metrics = {**_best_metrics(outcome), "final": _numeric(outcome.metrics)}
