@@ -249,6 +249,7 @@ class TuneConfig:
     edge_weight: float = setting(1.0, "tokenizer objective: weight of the edge error next to the judge's diagnosis drift")
     judge_seed: int = setting(1, "seed of the judge (a second CXR encoder, trained for scoring only); must differ from "
                                  "encoder.seed")
+    judge_steps: int = setting(0, "steps the judge trains (0: encoder.max_steps, as long as phi)")
     judge_min_auroc: float = setting(0.7, "observations the judge reads: validation AUROC at least this")
     retention_weight: float = setting(1.0, "stage objective: weight of ln(held-out perplexity / the start's)")
     f1_weight: float = setting(1.0, "stage objective: weight of the clinical F1 of generated reports")

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from mavilt.config import Config, config_from_dict
@@ -45,6 +45,7 @@ class Shared:
     judge_dir: str | None = None
     judge_observations: tuple[str, ...] = ()
     theta0_dir: str | None = None
+    datasets: dict[str, Any] | None = None  # the step's Ray datasets (object refs the driver owns)
 
 
 def max_concurrent_trials(cfg: Config, requested: int | None = None) -> int:
@@ -85,7 +86,8 @@ def _trial(config: dict[str, Any], *, spec: SweepSpec, cfg_dict: dict[str, Any],
         return
     hooks = StepHooks(callbacks=(TuneReportCallback(),), wandb=False, judge_dir=shared.judge_dir,
                       judge_observations=shared.judge_observations, theta0_dir=shared.theta0_dir,
-                      report_f1_studies=cfg.tune.f1_studies, val_studies=cfg.tune.val_studies, image_gain=False)
+                      report_f1_studies=cfg.tune.f1_studies, val_studies=cfg.tune.val_studies, image_gain=False,
+                      datasets=shared.datasets)
     if spec.step == "vqgan":
         run_vqgan(cfg, upstream.data, storage, spec.step, upstream.encoder_checkpoint, hooks)
     else:
@@ -115,26 +117,32 @@ def _tuner(spec: SweepSpec, cfg: Config, upstream: Upstream, shared: Shared, roo
 
 
 def prepare_shared(spec: SweepSpec, cfg: Config, upstream: Upstream, root: Location, judge_checkpoint: str | None) -> Shared:
-    """Everything trials share, made once: the code cache (stage sweeps), theta_0 (stage 1), the judge
-    (tokenizer sweeps)."""
+    """Everything trials share, made once: the step's datasets, the code cache (stage sweeps), theta_0
+    (stage 1), the judge (tokenizer sweeps)."""
     if spec.step == "vqgan":
-        return _judge(cfg, upstream, root, judge_checkpoint)
+        from mavilt.data.raydata import vision_datasets
+
+        judge = _judge(cfg, upstream, root, judge_checkpoint)
+        progress(f"{spec.job}: decoding the images (once for every trial)")
+        return replace(judge, datasets=vision_datasets(upstream.data))
     from mavilt.checkpoints import TextLMCheckpoint, Theta0Files, VQGANCheckpoint
     from mavilt.storage import local_dir
     from mavilt.tokenizer.model import VQGAN
     from mavilt.train.codes import CodeCache
-    from mavilt.train.steps import ensure_theta0
+    from mavilt.train.steps import ensure_theta0, llm_stage_datasets
 
     vqgan_dir = VQGANCheckpoint.find_model(upstream.tokenizer_checkpoint, "--tokenizer-checkpoint")
-    progress(f"{spec.job}: the code cache (built once for every trial)")
-    CodeCache(upstream.data, vqgan_dir).build()
+    progress(f"{spec.job}: the code cache and the datasets (built once for every trial)")
+    cache = CodeCache(upstream.data, vqgan_dir)
+    cache.build()
+    datasets = llm_stage_datasets(cfg, upstream.data, cache)
     if spec.step != "stage1":
-        return Shared()
+        return Shared(datasets=datasets)
     vq = VQGAN.from_pretrained(local_dir(vqgan_dir))
     model_dir, tok_dir = TextLMCheckpoint.find_lm(upstream.init_checkpoint)
     theta0 = ensure_theta0(Theta0Files(root / "theta0"), cfg, "stage1", model_dir, tok_dir, vq.codebook_size,
                            vq.num_tokens(cfg.data.image_size), root.name)
-    return Shared(theta0_dir=theta0.root.uri)
+    return Shared(theta0_dir=theta0.root.uri, datasets=datasets)
 
 
 def _judge(cfg: Config, upstream: Upstream, root: Location, judge_checkpoint: str | None) -> Shared:
@@ -150,8 +158,10 @@ def _judge(cfg: Config, upstream: Upstream, root: Location, judge_checkpoint: st
         where = Location.of(judge_checkpoint).uri
     else:
         # The judge's own config names phi's seed as its judge's, so it passes the check that the two differ.
-        judge_cfg = cfg.with_overrides([f"encoder.seed={cfg.tune.judge_seed}", f"tune.judge_seed={cfg.encoder.seed}"],
-                                       source="the judge")
+        over = [f"encoder.seed={cfg.tune.judge_seed}", f"tune.judge_seed={cfg.encoder.seed}"]
+        if cfg.tune.judge_steps:
+            over.append(f"encoder.max_steps={cfg.tune.judge_steps}")
+        judge_cfg = cfg.with_overrides(over, source="the judge")
         h = config_hash([judge_cfg.to_dict()["encoder"], upstream.data])
         result = read_result(root / "judge")
         if not result or result.get("judge_hash") != h:

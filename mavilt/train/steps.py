@@ -43,6 +43,9 @@ class StepHooks:
     report_f1_studies: int = 0  # LLM stages: clinical F1 of generated validation reports at the last report
     val_studies: int = 0  # LLM stages: validation losses over this many fixed studies (0: all)
     image_gain: bool = True  # LLM stages: the image-gain diagnostic in every validation
+    # The step's Ray datasets, built once by a sweep's driver for all its trials (default: the step builds them):
+    # decoding the VQ-GAN's images alone took about 30 s per trial.
+    datasets: dict[str, Any] | None = None
 
 
 def _prepare_out(storage: str | Path | Location, name: str, cfg: Config, data: str | Path | None = None) -> StepOutput:
@@ -108,7 +111,8 @@ def run_vqgan(cfg: Config, data: str | Path, storage: str | Path, name: str = "v
     inputs = VQGANInputs(cfg, str(out.root), hooks.wandb, str(phi_dir) if phi_dir else None, hooks.judge_dir,
                          hooks.judge_observations)
     score = (f"val_{'tokenizer_objective' if hooks.judge_dir else 'l1'}", "min")
-    outcome = fit(vqgan_loop, inputs, storage=out.root.parent, name=name, score=score, datasets=vision_datasets(data),
+    outcome = fit(vqgan_loop, inputs, storage=out.root.parent, name=name, score=score,
+                  datasets=hooks.datasets or vision_datasets(data),
                   callbacks=list(hooks.callbacks))
     if outcome.best_checkpoint is not None and phi_dir is not None:
         # The VQ-GAN checkpoint carries its phi, so later steps (bundle, FID) find it without another argument.
@@ -140,6 +144,13 @@ def _heldout_corpus(cfg: Config, data: str | Path, iu_dir: str | Path | None) ->
 
     pt = cfg.pretrain_text
     return pretraining_corpus(data, iu_dir or iu_reports_dir(), pt.heldout_fraction, pt.seed)
+
+
+def llm_stage_datasets(cfg: Config, data: str | Path, cache: Any, iu_dir: str | Path | None = None) -> dict[str, Any]:
+    """An image stage's Ray datasets: its rows with their cached codes, and the held-out text."""
+    from mavilt.train.codes import stage_datasets
+
+    return stage_datasets(data, cache, _heldout_corpus(cfg, data, iu_dir)[1])
 
 
 def run_pretrain_text(cfg: Config, data: str | Path, storage: str | Path, name: str = PRETRAIN_TEXT.name,
@@ -179,7 +190,7 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
     ``inject_failure_at_step`` makes the loop fail once after that step (tests of resume)."""
     from mavilt.llm.checkpoint import read_vocab
     from mavilt.tokenizer.model import VQGAN
-    from mavilt.train.codes import CodeCache, stage_datasets
+    from mavilt.train.codes import CodeCache
     from mavilt.train.llm_loop import llm_loop
 
     stage = get_stage(stage_name)
@@ -204,7 +215,6 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
     k, n = vq.codebook_size, vq.num_tokens(cfg.data.image_size)
     cache = CodeCache(data, vqgan_dir)
     cache.build()
-    _, heldout = _heldout_corpus(cfg, data, iu_dir)
 
     if stage.stores_theta0:
         theta0 = ensure_theta0(Theta0Files(hooks.theta0_dir or out.theta0), cfg, stage.name, model_dir, tok_dir, k, n, name)
@@ -220,7 +230,8 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
                        report_f1_studies=hooks.report_f1_studies, val_studies=hooks.val_studies,
                        image_gain=hooks.image_gain, inject_failure_at_step=inject_failure_at_step)
     outcome = fit(llm_loop, inputs, storage=out.root.parent, name=name, score=("val_loss", "min"),
-                  datasets=stage_datasets(data, cache, heldout), split=(), callbacks=list(hooks.callbacks))
+                  datasets=hooks.datasets or llm_stage_datasets(cfg, data, cache, iu_dir), split=(),
+                  callbacks=list(hooks.callbacks))
     metrics = {**_best_metrics(outcome), "final": _numeric(outcome.metrics)}
     checkpoint = outcome.best_checkpoint
     h = config_hash([cfg.to_dict()["llm"], cfg.to_dict()[stage.name], str(data), str(tokenizer_checkpoint),
