@@ -72,10 +72,10 @@ def test_the_report_subset_is_fixed_and_one_image_per_study():
 def test_trial_config_sets_the_budget_and_seed_and_the_export_keeps_the_presets():
     cfg = load_config("tiny")
     trial = SPEC.trial_config(cfg, {"stage2.lambda_reg": 1e-3, "stage2.lr": 2e-3}, seed_offset=2)
-    assert (trial.stage2.max_steps, trial.stage2.eval_every, trial.stage2.log_every) == (300, 150, 150)
+    assert (trial.stage2.max_steps, trial.stage2.eval_every, trial.stage2.log_every) == (200, 100, 100)
     assert trial.stage2.seed == cfg.stage2.seed + 2 and trial.stage2.lambda_reg == 1e-3
     rerun = SPEC.trial_config(cfg, {"stage2.lambda_reg": 1e-3, "stage2.lr": 2e-3}, seed_offset=1, last_report_only=True)
-    assert (rerun.stage2.max_steps, rerun.stage2.eval_every, rerun.stage2.log_every) == (300, 300, 300)
+    assert (rerun.stage2.max_steps, rerun.stage2.eval_every, rerun.stage2.log_every) == (200, 200, 200)
     best = SPEC.export_config(cfg, {"stage2.lambda_reg": 1e-3, "stage2.lr": 2e-3})
     assert best.stage2.max_steps == cfg.stage2.max_steps and best.stage2.lr == 2e-3
     assert best.hash("vqgan", "stage1") == cfg.hash("vqgan", "stage1")  # the pipeline re-runs stage 2 only
@@ -204,7 +204,7 @@ def test_tokenizer_trial_logs_to_offline_wandb(micro_run, ray_session, tmp_path)
     from mavilt.sweeps.spec import resolve_upstream
 
     run_dir, _ = micro_run
-    cfg = load_config("micro", ["tracking.wandb=true", "tune.seed_reruns=0"])
+    cfg = load_config("micro", ["tracking.wandb=true", "tune.seed_reruns=0", "tune.judge_steps=3"])
     spec = SweepSpec("sweep_tokenizer", "vqgan", (Param("vqgan.lambda_grad", *cfg.tune.lambda_grad),
                                                  Param("vqgan.lambda_feat", *cfg.tune.lambda_feat)))
     result = run_sweep(spec, cfg, resolve_upstream(spec, cfg, str(run_dir)), str(tmp_path), "tok", num_samples=1)
@@ -213,6 +213,8 @@ def test_tokenizer_trial_logs_to_offline_wandb(micro_run, ray_session, tmp_path)
     # The judge is not phi: another seed, its own folder.
     judge = json.loads((tmp_path / "tok" / "judge" / "result.json").read_text())
     assert judge["checkpoint"] != json.loads((run_dir / "encoder" / "result.json").read_text())["checkpoint"]
+    judge_steps = [json.loads(line)["step"] for line in (tmp_path / "tok" / "judge" / "history.jsonl").open()]
+    assert max(judge_steps) == 3  # tune.judge_steps, not encoder.max_steps (6)
     files = list((tmp_path / "tok" / "search" / "wandb").rglob("*.wandb"))
     assert files, "no offline wandb run under the sweep's folder"
     assert b"val_tokenizer_objective" in b"".join(f.read_bytes() for f in files)

@@ -84,6 +84,14 @@ def split_files(data_dir: str | Path | Location, split: str) -> list[Location]:
     return (check_dataset(data_dir) / split).files(".parquet")
 
 
+def training_split_files(data_dir: str | Path | Location, split: str) -> list[Location]:
+    """A split's files for training: an empty split is an error there."""
+    files = split_files(data_dir, split)
+    if not files:
+        raise DatasetError(f"split '{split}' of {data_dir} has no Parquet files")
+    return files
+
+
 def read_table(data_dir: str | Path | Location, split: str, columns: list[str] | None = None,
                limit: int | None = None) -> pa.Table:
     """Read one split into memory (for evaluation, tests and small local work; training uses Ray Data)."""
@@ -111,10 +119,7 @@ def read_rows(data_dir: str | Path | Location, split: str, columns: list[str] | 
 
 def ray_dataset(data_dir: str | Path | Location, split: str, columns: list[str] | None = None):
     """A Ray Data dataset over one split (read through the dataset's own filesystem)."""
-    files = split_files(data_dir, split)
-    if not files:
-        raise DatasetError(f"split '{split}' of {data_dir} has no Parquet files")
-    return ray_read_parquet(files, columns=columns)
+    return ray_read_parquet(training_split_files(data_dir, split), columns=columns)
 
 
 def images_array(png_column: Iterable[bytes]) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mavilt.data.shards import SPLITS, check_dataset, images_array, split_files
+from mavilt.data.shards import SPLITS, check_dataset, images_array, split_files, training_split_files
 from mavilt.errors import DatasetError
 from mavilt.hashing import content_hash
 from mavilt.storage import Location, local_dir, ray_read_parquet, read_parquet, write_parquet
@@ -206,11 +206,9 @@ def stage_datasets(data: str | Path | Location, cache: CodeCache | None, heldout
     out = {}
     if cache is not None:
         for split in ("train", "validate"):
-            files = split_files(data, split)
-            if not files:
-                raise DatasetError(f"split '{split}' of {data} has no Parquet files")
             codes = cache.load(split)
-            out[split] = ray.data.from_arrow([attach_codes(read_parquet(f, columns=STAGE_COLUMNS), codes) for f in files])
+            out[split] = ray.data.from_arrow([attach_codes(read_parquet(f, columns=STAGE_COLUMNS), codes)
+                                              for f in training_split_files(data, split)])
     out["heldout_text"] = ray.data.from_items([{"text": t} for t in heldout])
     return out
 
