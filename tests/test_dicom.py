@@ -27,7 +27,9 @@ from mavilt.data.dicom import (
     DicomImage,
     normalize_view,
     read_dicom,
+    read_dicom_bytes,
     read_image_any,
+    read_image_bytes,
     unsupported_syntax_reason,
 )
 from mavilt.data.images import SkipRecord
@@ -218,12 +220,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 def test_fixed_skip_reasons(tmp_path):
     for name, (path, reason) in _bad_inputs(tmp_path).items():
-        with pytest.raises(SkipRecord) as e:
-            read_dicom(path, S)
-        assert e.value.reason == reason, name
-        assert str(e.value) == reason
-        # Nothing chained: a traceback cannot show pydicom's message (which may quote header values).
-        assert e.value.__cause__ is None and e.value.__context__ is None, name
+        # The same reasons for a file and for its bytes (an upload).
+        for read, source in ((read_dicom, path), (read_dicom_bytes, path.read_bytes())):
+            with pytest.raises(SkipRecord) as e:
+                read(source, S)
+            assert e.value.reason == reason, (name, read.__name__)
+            assert str(e.value) == reason
+            # Nothing chained: a traceback cannot show pydicom's message (which may quote header values).
+            assert e.value.__cause__ is None and e.value.__context__ is None, name
     with pytest.raises(SkipRecord, match="^image file missing$"):
         read_dicom(tmp_path / "nope.dcm", S)
 
@@ -295,11 +299,12 @@ def test_no_phi_leaves_the_reader(tmp_path, caplog):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         for f in files:
-            try:
-                img = read_dicom(f, S)
-                outputs.append(repr(img.view) + repr(img.modality) + repr(img))
-            except SkipRecord as e:
-                outputs.append(repr(e) + str(e) + e.reason)
+            for read, source in ((read_dicom, f), (read_image_bytes, f.read_bytes())):
+                try:
+                    img = read(source, S)
+                    outputs.append(repr(img))
+                except SkipRecord as e:
+                    outputs.append(repr(e) + str(e) + e.reason)
     text = "\n".join(outputs) + caplog.text + "\n".join(str(x.message) for x in w)
     for needle in PHI_NEEDLES:
         assert needle.lower() not in text.lower(), needle
@@ -326,3 +331,34 @@ def test_read_image_any(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(SkipRecord):
         read_image_any(bad, S)
+
+
+def test_read_image_bytes_recognises_the_format_by_content(tmp_path):
+    img8 = quadrants(64, 64, 10, 250, 130, dtype=np.uint8)
+    dcm = write_dicom(tmp_path / "d.dcm", pattern16(), view="LATERAL", photometric="MONOCHROME1")
+    raw = write_dicom(tmp_path / "raw.dcm", pattern16(), view="AP").read_bytes()[132:]  # no preamble, no 'DICM'
+    uploads = {
+        "png": (write_png(tmp_path / "a.png", img8).read_bytes(), "UNKNOWN"),
+        "png16": (write_png(tmp_path / "b.png", quadrants(64, 64, 1000, 64000, 30000)).read_bytes(), "UNKNOWN"),
+        "jpeg": (jpeg_bytes(img8), "UNKNOWN"),
+        "dicom": (dcm.read_bytes(), "LATERAL"),
+    }
+    for name, (data, view) in uploads.items():
+        px, v = read_image_bytes(data, S)
+        assert px.shape == (S, S) and px.dtype == np.float32 and v == view, name
+        q = quadrant_values(px)
+        if name == "dicom":  # MONOCHROME1: inverted so that white = dense
+            assert q["tl"] < 0.05 and q["tr"] > 0.95, name
+        else:
+            assert q["tl"] > 0.95 and q["tr"] < 0.05, name
+    # The same pixels as the file reader gives.
+    np.testing.assert_array_equal(read_image_bytes(dcm.read_bytes(), S)[0], read_dicom(dcm, S).pixels)
+    # A raw dataset without the preamble, as read_dicom accepts one.
+    assert read_image_bytes(raw, S)[1] == "AP"
+    png = uploads["png"][0]
+    for data, reason in [(b"", "empty file"), (b"%PDF-1.7 not an image", "not a PNG, JPEG or DICOM image"),
+                         (png[: len(png) // 2], "unreadable image file"), (png[:8], "unreadable image file"),
+                         (jpeg_bytes(img8)[:40], "unreadable image file")]:
+        with pytest.raises(SkipRecord) as e:
+            read_image_bytes(data, S)
+        assert e.value.reason == reason, data[:12]

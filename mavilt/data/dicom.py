@@ -16,6 +16,7 @@ pydicom's own warnings and log records, which may quote element values, are drop
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mavilt.data.images import SkipRecord, load_image_file, resize_pad
+from mavilt.data.images import REASON_UNKNOWN_FORMAT, SkipRecord, image_format, load_image_file, resize_pad
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +187,23 @@ def read_dicom(path: str | Path, image_size: int) -> DicomImage:
         raise SkipRecord(REASON_MISSING)
     if path.stat().st_size == 0:
         raise SkipRecord(REASON_EMPTY)
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return _read(path, head, image_size)
+
+
+def read_dicom_bytes(data: bytes, image_size: int) -> DicomImage:
+    """:func:`read_dicom` for a DICOM held in memory (an upload), with the same checks and fixed reasons."""
+    if not data:
+        raise SkipRecord(REASON_EMPTY)
+    return _read(io.BytesIO(data), data[:132], image_size)
+
+
+def _read(source: Path | io.BytesIO, head: bytes, image_size: int) -> DicomImage:
     reason: str | None = None
     with _quiet_pydicom():
         try:
-            frame, view, modality = _read_first_frame(path)
+            frame, view, modality = _read_first_frame(source, _preamble_kind(head))
             pixels = resize_pad(frame, image_size)
         except SkipRecord as e:
             reason = e.reason
@@ -203,27 +217,22 @@ def read_dicom(path: str | Path, image_size: int) -> DicomImage:
     return DicomImage(pixels=pixels, view=view, modality=modality)
 
 
-def _has_preamble(path: Path) -> bool | None:
-    """True: 'DICM' at byte 128. False: no marker but the file starts like a raw little-endian dataset
-    (group 0x0008 or 0x0002). None: neither, so not DICOM."""
-    with open(path, "rb") as f:
-        head = f.read(132)
+def _preamble_kind(head: bytes) -> bool | None:
+    """From a file's first 132 bytes. True: 'DICM' at byte 128. False: no marker but the bytes start like a raw
+    little-endian dataset (group 0x0008 or 0x0002). None: neither, so not DICOM."""
     if head[128:132] == b"DICM":
         return True
-    if head[:2] in (b"\x08\x00", b"\x02\x00") and len(head) >= 8:
-        return False
-    return None
+    return False if image_format(head) == "dicom" else None
 
 
-def _read_first_frame(path: Path) -> tuple[np.ndarray, str, str]:
+def _read_first_frame(source: Path | io.BytesIO, kind: bool | None) -> tuple[np.ndarray, str, str]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    kind = _has_preamble(path)
     if kind is None:
         raise SkipRecord(REASON_NOT_DICOM)
     try:
-        ds = pydicom.dcmread(path, force=not kind)
+        ds = pydicom.dcmread(source, force=not kind)
     except InvalidDicomError:
         raise SkipRecord(REASON_NOT_DICOM) from None
     except Exception:  # noqa: BLE001
@@ -388,3 +397,18 @@ def read_image_any(path: str | Path, image_size: int) -> tuple[np.ndarray, str]:
     if p.stat().st_size == 0:
         raise SkipRecord(REASON_EMPTY)
     return load_image_file(p, image_size), UNKNOWN_VIEW
+
+
+def read_image_bytes(data: bytes, image_size: int) -> tuple[np.ndarray, str]:
+    """An uploaded PNG, JPEG or DICOM, recognised by its content (never by a name or a declared type) ->
+    (float32 [image_size, image_size] in [0, 1], view). The DICOM goes through the same reader as
+    ``jobs/prepare.py``; every failure is a :class:`SkipRecord` with a fixed reason."""
+    if not data:
+        raise SkipRecord(REASON_EMPTY)
+    kind = image_format(data)
+    if kind == "dicom":
+        img = read_dicom_bytes(data, image_size)
+        return img.pixels, img.view
+    if kind is None:
+        raise SkipRecord(REASON_UNKNOWN_FORMAT)
+    return load_image_file(io.BytesIO(data), image_size), UNKNOWN_VIEW

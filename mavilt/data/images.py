@@ -19,6 +19,26 @@ class SkipRecord(Exception):
         self.reason = reason
 
 
+REASON_UNKNOWN_FORMAT = "not a PNG, JPEG or DICOM image"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def image_format(head: bytes) -> str | None:
+    """"png", "jpeg" or "dicom" from a file's first bytes (132 suffice), None for anything else. DICOM: the
+    'DICM' marker at byte 128, or a raw little-endian dataset starting at group 0x0002 or 0x0008 (old exports
+    without the preamble)."""
+    if head[128:132] == b"DICM":  # first: a preamble may hold anything, even another format's magic
+        return "dicom"
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if head[:2] in (b"\x08\x00", b"\x02\x00") and len(head) >= 8:
+        return "dicom"
+    return None
+
+
 def resize_pad(image: np.ndarray, size: int) -> np.ndarray:
     """Resize a float image in [0, 1] so its longer side is ``size``, then pad (with 0 = black) to a square."""
     if image.ndim != 2:
@@ -63,7 +83,8 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def load_image_file(path, size: int) -> np.ndarray:
-    """A PNG/JPEG file (any bit depth, RGB converted to gray) -> float32 [0, 1], resized and padded."""
+    """A PNG/JPEG file or file object (any bit depth, RGB converted to gray) -> float32 [0, 1], resized and
+    padded."""
     try:
         with Image.open(path) as pil:
             pil.load()
