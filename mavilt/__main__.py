@@ -7,6 +7,7 @@ Examples::
     python -m mavilt synthesize "Moderate cardiomegaly. Small left pleural effusion." -o cxr.png --bundle BUNDLE
     python -m mavilt synthesize "No acute findings." -o out.png --num 4 --cfg-scale 3 --bundle BUNDLE  # out_0.png ...
     python -m mavilt vqa chest.png "Is there a pleural effusion?" --choices yes,no --bundle BUNDLE
+    python -m mavilt export runs/demo/stage2/bundle s3://models/mavilt-demo  # self-contained, to serve elsewhere
 
 Images: PNG, JPEG (8- or 16-bit) or DICOM, resized with the aspect kept to the bundle's size. Nothing from a
 DICOM header is printed. Generation goes through the ``Bundle`` methods, the same code the server runs.
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mavilt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{report,synthesize,vqa}")
+    sub = parser.add_subparsers(dest="command", metavar="{report,synthesize,vqa,export}")
 
     r = sub.add_parser("report", help="write a report for each image",
                        description="CXR -> report text, one per image: `path<TAB>report` lines, or JSON lines "
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("question", metavar="QUESTION", help="the question, e.g. \"Is there a pleural effusion?\"")
     q.add_argument("--choices", metavar="A,B,...", help="closed answer set, comma-separated (e.g. yes,no)")
     _common(q)
+
+    e = sub.add_parser("export", help="copy a bundle self-contained (to serve it on another node or from a store)",
+                       description="Copy a bundle to DEST (a folder or a URI such as s3://bucket/prefix) so that it "
+                                   "needs nothing outside itself: a LoRA bundle's adapter is merged into full "
+                                   "weights (its theta_0 names the base LM by a local path). Prints DEST.")
+    e.add_argument("bundle", metavar="BUNDLE", help="the model bundle (runs/<name>/stage2/bundle)")
+    e.add_argument("dest", metavar="DEST", help="where the copy goes (replaced if it holds a bundle)")
+    e.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr, and show tracebacks")
     return parser
 
 
@@ -267,7 +276,22 @@ def cmd_vqa(args: argparse.Namespace) -> None:
         print(f"{c}\t{p:.4f}", flush=True)
 
 
-COMMANDS = {"report": cmd_report, "synthesize": cmd_synthesize, "vqa": cmd_vqa}
+def cmd_export(args: argparse.Namespace) -> None:
+    from mavilt.bundle import export_bundle
+    from mavilt.storage import Location
+
+    src = _check_bundle(args.bundle)
+    try:
+        dest = Location.of(args.dest)
+    except MavilError as e:
+        raise CLIError(f"DEST {args.dest}: {e}") from None
+    if dest.uri.rstrip("/") == src.uri.rstrip("/"):
+        raise CLIError(f"DEST {args.dest} is the bundle itself: give another folder or URI")
+    quiet_libraries(verbose=args.verbose)
+    print(export_bundle(src, dest).uri, flush=True)
+
+
+COMMANDS = {"report": cmd_report, "synthesize": cmd_synthesize, "vqa": cmd_vqa, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

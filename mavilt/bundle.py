@@ -35,6 +35,13 @@ FORMAT_VERSION = 1
 MANIFEST = "mavilt.json"
 PARTS = ("vqgan", "encoder", "tokenizer", "llm", "adapter", "theta0")  # the manifest's "paths" keys
 
+# What a loader may ask for (``load_bundle(parts=...)``): a server's deployment loads only what it serves.
+IMAGE_ENCODER = "image_encoder"  # the VQ-GAN's encoder and codebook: image -> codes
+LANGUAGE_MODEL = "llm"  # the LLM and its text tokenizer: codes <-> text, VQA
+IMAGE_DECODER = "image_decoder"  # the VQ-GAN's codebook and decoder: codes -> image
+CXR_ENCODER = "cxr_encoder"  # the in-house CXR encoder (phi), when the bundle has one: evaluation's FID
+LOADABLE = (IMAGE_ENCODER, LANGUAGE_MODEL, IMAGE_DECODER, CXR_ENCODER)
+
 
 def write_bundle(out: Path | Location, stage2: StageCheckpoint, vqgan_dir: Path | Location,
                  encoder_dir: Path | Location | None, cfg: Config) -> Location:
@@ -80,18 +87,25 @@ class Bundle:
     config: Config
     vocab: JointVocab
     image_size: int
-    tokenizer: Any
-    llm: torch.nn.Module
-    vqgan: torch.nn.Module
+    tokenizer: Any  # None when loaded without the LLM
+    llm: torch.nn.Module | None
+    vqgan: torch.nn.Module | None  # only the halves loaded (``parts``)
     encoder: torch.nn.Module | None
     device: torch.device
     manifest: dict[str, Any] = field(default_factory=dict)
+    parts: tuple[str, ...] = LOADABLE
+
+    def _need(self, part: str) -> None:
+        if part not in self.parts:
+            raise BundleError(f"the bundle at {self.path} was loaded without its {part} (parts={list(self.parts)}): "
+                              f"load it with {part!r} among the parts")
 
     # ---- helpers ---------------------------------------------------------------------------------
     @property
     def codec(self):
         from mavilt.llm.sequences import TextCodec
 
+        self._need(LANGUAGE_MODEL)
         if not hasattr(self, "_codec"):
             self._codec = TextCodec(self.tokenizer)
         return self._codec
@@ -114,10 +128,12 @@ class Bundle:
 
     @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
+        self._need(IMAGE_ENCODER)
         return self.vqgan.encode(self.to_tensor(images).to(self.device)).cpu()
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        self._need(IMAGE_DECODER)
         return self.vqgan.decode(codes.to(self.device)).float().cpu()
 
     # ---- the three tasks -------------------------------------------------------------------------
@@ -185,11 +201,8 @@ class Bundle:
         return dataclasses.replace(self.config.generate, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def load_bundle(path: str | Path | Location, device: str | torch.device | None = None) -> Bundle:
-    """Load a bundle written by stage 2 (``runs/<name>/stage2/bundle``, on local disk or a URI)."""
-    from mavilt.llm.checkpoint import load_tokenizer
-    from mavilt.tokenizer.model import VQGAN
-
+def read_manifest(path: str | Path | Location) -> tuple[Path, dict[str, Any]]:
+    """(the bundle's local folder, its checked manifest); a bundle on a store is copied to the cache once."""
     where = Location.of(path)
     if not (where / MANIFEST).is_file():
         raise BundleError(f"{where} is not a model bundle (no {MANIFEST}); stage 2 writes one at "
@@ -204,28 +217,74 @@ def load_bundle(path: str | Path | Location, device: str | torch.device | None =
         raise BundleError(f"bundle {p} has format version {manifest.get('format_version')}; this code reads version "
                           f"{FORMAT_VERSION}: load it with the MAViLT version that wrote it (code version "
                           f"{manifest.get('code_version')}) or re-run stage 2 with this one")
-    cfg = config_from_dict(manifest["config"], f"the config in {mf}")
+    return p, manifest
+
+
+def load_bundle(path: str | Path | Location, device: str | torch.device | None = None,
+                parts: Sequence[str] = LOADABLE) -> Bundle:
+    """Load a bundle written by stage 2 (``runs/<name>/stage2/bundle``, on local disk or a URI): all of it, or
+    only ``parts`` (of :data:`LOADABLE`), so a server's deployment holds only the model it serves."""
+    from mavilt.tokenizer.model import VQGAN
+
+    unknown = sorted(set(parts) - set(LOADABLE))
+    if unknown or not parts:
+        raise BundleError(f"unknown bundle parts {unknown or list(parts)}: choose among {list(LOADABLE)}")
+    p, manifest = read_manifest(path)
+    cfg = config_from_dict(manifest["config"], f"the config in {p / MANIFEST}")
     vocab = JointVocab.from_dict(manifest["vocab"])
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     paths = manifest["paths"]
-    tokenizer = load_tokenizer(p / paths["tokenizer"])
-    if paths.get("llm"):
-        from transformers import AutoModelForCausalLM
-
-        llm = AutoModelForCausalLM.from_pretrained(str(p / paths["llm"]), local_files_only=True)
-    else:
-        from peft import PeftModel
-
-        from mavilt.llm.model import load_theta0_model
-
-        base, _ = load_theta0_model(Theta0Files(p / paths["theta0"]), cfg.llm)
-        llm = PeftModel.from_pretrained(base, str(p / paths["adapter"])).merge_and_unload()
-    llm = llm.to(dev).eval()
-    vqgan = VQGAN.from_pretrained(p / paths["vqgan"]).to(dev).eval()
-    encoder = None
-    if paths.get("encoder"):
+    tokenizer = llm = vqgan = encoder = None
+    if LANGUAGE_MODEL in parts:
+        tokenizer, llm = _load_llm(p, paths, cfg)
+        llm = llm.to(dev).eval()
+    if IMAGE_ENCODER in parts or IMAGE_DECODER in parts:
+        vqgan = VQGAN.from_pretrained(p / paths["vqgan"]).keep_only(encoder=IMAGE_ENCODER in parts,
+                                                                    decoder=IMAGE_DECODER in parts).to(dev).eval()
+    if CXR_ENCODER in parts and paths.get("encoder"):
         from mavilt.tokenizer.features import CXREncoder
 
         encoder = CXREncoder.from_pretrained(p / paths["encoder"]).to(dev).eval()
     return Bundle(path=p, config=cfg, vocab=vocab, image_size=int(manifest["image_size"]), tokenizer=tokenizer, llm=llm,
-                  vqgan=vqgan, encoder=encoder, device=dev, manifest=manifest)
+                  vqgan=vqgan, encoder=encoder, device=dev, manifest=manifest, parts=tuple(parts))
+
+
+def _load_llm(p: Path, paths: dict[str, Any], cfg: Config) -> tuple[Any, torch.nn.Module]:
+    """(text tokenizer, LLM): the full weights, or theta_0 with the LoRA adapter merged in."""
+    from mavilt.llm.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(p / paths["tokenizer"])
+    if paths.get("llm"):
+        from transformers import AutoModelForCausalLM
+
+        return tokenizer, AutoModelForCausalLM.from_pretrained(str(p / paths["llm"]), local_files_only=True)
+    from peft import PeftModel
+
+    from mavilt.llm.model import load_theta0_model
+
+    base, _ = load_theta0_model(Theta0Files(p / paths["theta0"]), cfg.llm)
+    return tokenizer, PeftModel.from_pretrained(base, str(p / paths["adapter"])).merge_and_unload()
+
+
+def export_bundle(src: str | Path | Location, dst: str | Path | Location) -> Location:
+    """A self-contained copy of a bundle at ``dst`` (a local path or a URI): a LoRA bundle names its base LM by
+    path (theta_0), so its adapter is merged into full weights that travel with it; the rest is copied. The
+    copy can be moved to another node or a store and served from there."""
+    import shutil
+
+    p, manifest = read_manifest(src)
+    with tempfile.TemporaryDirectory(prefix="mavilt-export-") as tmp:
+        out = Path(tmp)
+        paths = dict(manifest["paths"])
+        for part in ("vqgan", "encoder", "tokenizer", "llm"):
+            if paths.get(part):
+                shutil.copytree(p / paths[part], out / part)
+        if not paths.get("llm"):
+            cfg = config_from_dict(manifest["config"], f"the config in {p / MANIFEST}")
+            _, llm = _load_llm(p, paths, cfg)
+            llm.save_pretrained(out / "llm")
+            paths.update(llm="llm", adapter=None, theta0=None)
+        manifest = {**manifest, "paths": paths, "exported_from": Location.of(src).uri,
+                    "content_hash": content_hash(out, recursive=True)}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return publish_dir(tmp, dst, MANIFEST)

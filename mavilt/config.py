@@ -36,7 +36,8 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_ov
            "list_presets", "add_config_args", "CONFIG_VERSION"]
 
 # 2: each LLM stage offers only the settings it uses; no tune/serve sections until they configure something.
-# 3: the tune (sweeps) and tracking (metrics to wandb) sections.
+# 3: the tune (sweeps) and tracking (metrics to wandb) sections; later, the serve section (new, all defaults,
+# so version-3 configs without it read unchanged).
 CONFIG_VERSION = 3
 
 Section = Literal["findings", "impression", "both"]
@@ -271,6 +272,44 @@ class TrackingConfig:
 
 
 @dataclass
+class DeploymentConfig:
+    """One Ray Serve deployment's resources and autoscaling (``serve.<name>``)."""
+
+    num_cpus: float = setting(1.0, "CPUs each replica reserves (fractions allowed)")
+    num_gpus: float = setting(0.0, "GPUs each replica reserves (fractions share a GPU)")
+    min_replicas: int = setting(1, "fewest replicas (autoscaling never goes below)")
+    max_replicas: int = setting(1, "most replicas (min = max: no autoscaling)")
+    target_ongoing_requests: float = setting(2.0, "ongoing requests per replica the autoscaler aims at")
+    upscale_delay_s: float = setting(30.0, "seconds of sustained load before a replica is added")
+    downscale_delay_s: float = setting(600.0, "seconds of low load before a replica is removed")
+
+
+@dataclass
+class ServeConfig:
+    """``serve/app.py``: the HTTP API's limits, batching and each deployment's resources."""
+
+    host: str = setting("127.0.0.1", "address the HTTP proxy binds (loopback unless you mean to expose it)")
+    port: int = setting(8000, "HTTP port")
+    api_key: str | None = setting(None, "when set (or MAVILT_API_KEY is), requests must send it in X-API-Key")
+    max_upload_mb: float = setting(20.0, "largest image upload accepted (413 above it)")
+    request_timeout_s: float = setting(120.0, "a request still unanswered after this gets 504")
+    max_queued_requests: int = setting(64, "requests waiting per deployment beyond which new ones get 503")
+    max_batch_size: int = setting(8, "requests one model call batches together (@serve.batch)")
+    batch_wait_timeout_s: float = setting(0.05, "longest wait for a batch to fill")
+    max_text_chars: int = setting(4000, "longest report text for /v1/synthesize")
+    max_question_chars: int = setting(500, "longest question for /v1/vqa")
+    max_new_tokens: int = setting(256, "largest max_new_tokens a request may ask for")
+    max_beams: int = setting(8, "largest num_beams a request may ask for")
+    max_images: int = setting(4, "most images one /v1/synthesize request may ask for")
+    ingress: DeploymentConfig = setting(help="the FastAPI ingress", factory=lambda: DeploymentConfig(num_cpus=0.1))
+    tokenizer: DeploymentConfig = setting(help="ImageTokenizer (VQ-GAN encoder)",
+                                          factory=lambda: DeploymentConfig(num_cpus=0.2))
+    llm: DeploymentConfig = setting(help="LLM (reports, image codes, VQA)", factory=lambda: DeploymentConfig(num_cpus=0.5))
+    decoder: DeploymentConfig = setting(help="ImageDecoder (VQ-GAN decoder)",
+                                        factory=lambda: DeploymentConfig(num_cpus=0.2))
+
+
+@dataclass
 class Config:
     preset: str = setting("tiny", "name of the preset (or YAML file) this config came from")
     data: DataConfig = setting(help="dataset preparation", factory=DataConfig)
@@ -285,6 +324,7 @@ class Config:
     eval: EvalConfig = setting(help="evaluation", factory=EvalConfig)
     tune: TuneConfig = setting(help="sweeps: budgets, ranges, early stopping, objectives", factory=TuneConfig)
     tracking: TrackingConfig = setting(help="metrics to wandb (offline unless configured)", factory=TrackingConfig)
+    serve: ServeConfig = setting(help="serving: HTTP limits, batching, deployments' resources", factory=ServeConfig)
 
     # ---- conversions -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -332,14 +372,14 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
-def valid_keys() -> list[str]:
-    """Every settable key, dotted (``stage2.lambda_reg``)."""
+def valid_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every settable key, dotted (``stage2.lambda_reg``, ``serve.llm.num_cpus``)."""
     keys = []
-    for f, t in _fields(Config):
+    for f, t in _fields(cls or Config):
         if dataclasses.is_dataclass(t):
-            keys.extend(f"{f.name}.{g.name}" for g, _ in _fields(t))
+            keys.extend(valid_keys(t, f"{prefix}{f.name}."))
         else:
-            keys.append(f.name)
+            keys.append(f"{prefix}{f.name}")
     return keys
 
 
@@ -495,6 +535,30 @@ def _check(cfg: Config) -> None:
         section = cfg.section(name)
         if isinstance(section, StageConfig):
             check_task_weights(name, section.task_weights)
+    _check_serve(cfg.serve)
+
+
+def _check_serve(sv: ServeConfig) -> None:
+    for key in ("max_batch_size", "max_queued_requests", "max_text_chars", "max_question_chars", "max_new_tokens",
+                "max_beams", "max_images"):
+        if getattr(sv, key) < 1:
+            raise ConfigError(f"serve.{key} must be >= 1, got {getattr(sv, key)}")
+    for key in ("max_upload_mb", "request_timeout_s"):
+        if not getattr(sv, key) > 0:
+            raise ConfigError(f"serve.{key} must be > 0, got {getattr(sv, key)}")
+    if not 0 <= sv.batch_wait_timeout_s <= 10:
+        raise ConfigError(f"serve.batch_wait_timeout_s must be in [0, 10] seconds, got {sv.batch_wait_timeout_s}")
+    if not 1 <= sv.port <= 65535:
+        raise ConfigError(f"serve.port must be in [1, 65535], got {sv.port}")
+    for name in ("ingress", "tokenizer", "llm", "decoder"):
+        d: DeploymentConfig = getattr(sv, name)
+        if d.num_cpus < 0 or d.num_gpus < 0 or d.num_cpus + d.num_gpus == 0 and name != "ingress":
+            raise ConfigError(f"serve.{name} must reserve some CPU or GPU (num_cpus={d.num_cpus}, num_gpus={d.num_gpus})")
+        if not 0 <= d.min_replicas <= d.max_replicas or d.max_replicas < 1:
+            raise ConfigError(f"serve.{name}: need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
+                              f"{d.min_replicas} and {d.max_replicas}")
+        if d.target_ongoing_requests <= 0 or d.upscale_delay_s < 0 or d.downscale_delay_s < 0:
+            raise ConfigError(f"serve.{name}: target_ongoing_requests must be > 0 and the delays >= 0")
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -52,8 +52,12 @@ def tiny_bundle_config(extra: list[str] | None = None):
     return load_config("tiny", TINY_BUNDLE_OVERRIDES + list(extra or []))
 
 
-def build_tiny_bundle(out: str | Path, *, with_encoder: bool = True, seed: int = 0, extra: list[str] | None = None) -> Path:
-    """Write a bundle with random tiny weights to ``out`` (a scratch ``<out>.parts`` folder is used beside it)."""
+def build_tiny_bundle(out: str | Path, *, with_encoder: bool = True, seed: int = 0, extra: list[str] | None = None,
+                      lora: bool = False) -> Path:
+    """Write a bundle with random tiny weights to ``out`` (a scratch ``<out>.parts`` folder is used beside it).
+
+    ``lora``: the LLM as stage 2 writes it with ``llm.finetune=lora``: theta_0 (naming the base LM saved in
+    ``<out>.parts/base`` by its path) and a LoRA adapter with non-zero weights."""
     from mavilt.bundle import write_bundle
     from mavilt.checkpoints import StageCheckpoint
     from mavilt.llm.model import build_tiny_lm, extend_vocabulary
@@ -76,7 +80,20 @@ def build_tiny_bundle(out: str | Path, *, with_encoder: bool = True, seed: int =
     tok = train_bpe_tokenizer(REPORT_TEXTS, 300, ckpt.tokenizer)
     model = build_tiny_lm(cfg.llm, tok)
     vocab = JointVocab.for_tokenizer(tok, cfg.vqgan.codebook_size, vqgan.num_tokens())
-    extend_vocabulary(model, vocab, seed=seed)
-    model.save_pretrained(str(ckpt.llm))
+    if lora:
+        from mavilt.llm.model import apply_finetune_mode, save_theta0
+
+        model.save_pretrained(str(parts / "base"))
+        extend_vocabulary(model, vocab, seed=seed)
+        save_theta0(ckpt.theta0, parts / "base", model, vocab)
+        peft_model = apply_finetune_mode(model, tiny_bundle_config(["llm.finetune=lora"] + list(extra or [])).llm, vocab)
+        with torch.no_grad():  # LoRA's B starts at zero: an adapter that changes nothing would test nothing
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        peft_model.save_pretrained(str(ckpt.adapter))
+    else:
+        extend_vocabulary(model, vocab, seed=seed)
+        model.save_pretrained(str(ckpt.llm))
     ckpt.vocab.write_text(json.dumps(vocab.to_dict()))
     return write_bundle(out, ckpt, vqgan_dir, encoder_dir, cfg)

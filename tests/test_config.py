@@ -75,7 +75,7 @@ def test_each_stage_offers_only_the_settings_it_uses():
     assert "pretrain_text.heldout_fraction" in keys and "pretrain_text.lambda_reg" not in keys
     assert "pretrain_text.task_weights" not in keys and "pretrain_text.condition_dropout" not in keys
     assert "stage1.heldout_fraction" not in keys and "stage2.lambda_reg" in keys and "stage1.condition_dropout" in keys
-    assert not any(k.startswith("serve.") for k in keys) and "tune.stage_steps" in keys  # no serve section yet
+    assert "serve.max_batch_size" in keys and "serve.llm.num_cpus" in keys and "tune.stage_steps" in keys
     with pytest.raises(ConfigError, match="stage1.task_weights names \\['vqa'\\], which is not stage1 tasks; stage1's "
                                           "tasks: image_to_report, report_to_image"):
         load_config("tiny", ["stage1.task_weights={vqa: 1}"])
@@ -161,8 +161,10 @@ def _another_value(key: str, current):
     }
     if key in special:
         return special[key]
-    hints = typing.get_type_hints(type(Config().section(key.split(".")[0])) if "." in key else Config)
-    tp = hints[key.split(".")[-1]]
+    import functools
+
+    owner = functools.reduce(getattr, key.split(".")[:-1], Config())
+    tp = typing.get_type_hints(type(owner))[key.split(".")[-1]]
     if typing.get_origin(tp) is typing.Literal:
         return next(a for a in typing.get_args(tp) if a != current)
     if current is None:
@@ -180,13 +182,18 @@ def _another_value(key: str, current):
 
 @pytest.mark.parametrize("key", valid_keys())
 def test_every_valid_key_is_settable(key):
-    base = Config()
-    section, _, name = key.partition(".")
-    current = getattr(base.section(section), name) if name else getattr(base, key)
+    import functools
+
+    def get(cfg):
+        return functools.reduce(getattr, key.split("."), cfg)
+
+    current = get(Config())
     value = _another_value(key, current)
     overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
     if key == "vqgan.downsample":
         overrides.append("vqgan.channel_mult=[1, 2, 2, 4, 4]")
+    if key.endswith(".min_replicas"):
+        overrides.append(f"{key.rsplit('.', 1)[0]}.max_replicas={value}")
     cfg = Config().with_overrides(overrides)
-    got = getattr(cfg.section(section), name) if name else getattr(cfg, key)
+    got = get(cfg)
     assert got == value and got != current

@@ -366,7 +366,9 @@ class VQGAN(SavedModel, nn.Module):
         ``batch_size`` bounds memory for large inputs.
         """
         self._check_images(images)
-        w = self.last_layer
+        if self.encoder is None:
+            raise RuntimeError("this VQ-GAN was loaded without its encoder (decoder only): it cannot encode")
+        w = self.encoder.conv_in.weight
         chunks = images.split(batch_size) if batch_size else (images,)
         out = [self.quantizer.indices(self.encoder(c.to(w.device, w.dtype) * 2 - 1)).long() for c in chunks]
         return torch.cat(out) if len(out) > 1 else out[0]
@@ -379,6 +381,8 @@ class VQGAN(SavedModel, nn.Module):
         side = math.isqrt(codes.shape[1])
         if side * side != codes.shape[1]:
             raise ValueError(f"{codes.shape[1]} codes per image is not a square grid")
+        if self.decoder is None:
+            raise RuntimeError("this VQ-GAN was loaded without its decoder (encoder only): it cannot decode")
         w = self.last_layer
         codes = codes.to(w.device).long()
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
@@ -388,6 +392,15 @@ class VQGAN(SavedModel, nn.Module):
             zq = self.quantizer.lookup(c, side, side).to(w.dtype)
             out.append(((self.decoder(zq) + 1) / 2).clamp(0, 1))
         return torch.cat(out) if len(out) > 1 else out[0]
+
+    def keep_only(self, *, encoder: bool, decoder: bool) -> "VQGAN":
+        """Drop the half a server does not use (the tokenizer deployment encodes, the decoder deployment decodes);
+        the quantizer's codebook serves both."""
+        if not encoder:
+            self.encoder = None
+        if not decoder:
+            self.decoder = None
+        return self
 
     # -- persistence: vqgan.pt (state dict) + vqgan.json (config, image size), loadable on its own ----------
     FILES = VQGAN_FILES
