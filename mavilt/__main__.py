@@ -194,11 +194,24 @@ def _emit(obj: dict[str, Any]) -> None:
 # ---- commands -------------------------------------------------------------------------------------------
 
 
+def _request(cls, values: dict[str, Any], flags: dict[str, str]):
+    """The same request checks as the server's (:mod:`mavilt.serving.requests`), named by the CLI's flags."""
+    from mavilt.serving.requests import RequestError, RequestLimits
+
+    try:
+        # One person's command line: as many images as asked for, the server's other limits.
+        return cls.parse(values, RequestLimits(max_images=10_000))
+    except RequestError as e:
+        flag = flags.get(e.field or "")
+        raise CLIError(f"{flag}: {e}" if flag else str(e)) from None
+
+
 def cmd_report(args: argparse.Namespace) -> None:
-    if args.beams is not None and args.beams < 1:
-        raise CLIError(f"--beams must be >= 1, got {args.beams}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    from mavilt.serving.requests import ReportRequest
+
+    req = _request(ReportRequest, {"section": args.section, "num_beams": args.beams,
+                                   "max_new_tokens": args.max_new_tokens},
+                   {"section": "--section", "num_beams": "--beams", "max_new_tokens": "--max-new-tokens"})
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = _check_inputs(args.images)
@@ -207,7 +220,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     images = _read(paths, bundle.image_size)
     for s in range(0, len(images), args.batch_size):
         chunk = images[s : s + args.batch_size]
-        reports = bundle.report(chunk, section=args.section, num_beams=args.beams, max_new_tokens=args.max_new_tokens)
+        reports = bundle.report(chunk, **req.settings())
         for p, rep in zip(paths[s : s + args.batch_size], reports):
             if args.json:
                 _emit({"path": str(p), "report": rep})
@@ -228,18 +241,17 @@ def _output_paths(output: str, num: int) -> list[Path]:
 
 def cmd_synthesize(args: argparse.Namespace) -> None:
     from mavilt.data.images import encode_png
+    from mavilt.serving.requests import SynthesizeRequest
 
-    if not args.text.strip():
-        raise CLIError("the report text is empty: pass the findings to draw, e.g. \"Small left pleural effusion.\"")
-    if args.num < 1:
-        raise CLIError(f"--num must be >= 1, got {args.num}")
-    if args.top_k is not None and args.top_k < 0:
-        raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
+    req = _request(SynthesizeRequest, {"text": args.text, "seed": args.seed, "cfg_scale": args.cfg_scale,
+                                       "image_temperature": args.temperature, "top_k": args.top_k,
+                                       "num_images": args.num},
+                   {"text": "the report text", "seed": "--seed", "cfg_scale": "--cfg-scale",
+                    "image_temperature": "--temperature", "top_k": "--top-k", "num_images": "--num"})
     outs = _output_paths(args.output, args.num)
     _check_bundle(args.bundle)
     bundle = _load(args)
-    images = bundle.synthesize([args.text] * args.num, cfg_scale=args.cfg_scale, seed=args.seed,
-                               image_temperature=args.temperature, top_k=args.top_k)
+    images = bundle.synthesize([req.text] * req.num_images, **req.settings())
     for path, img in zip(outs, images):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode_png(img[0].numpy(), bit_depth=args.bit_depth))
@@ -249,24 +261,16 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
             print(path, flush=True)
 
 
-def _choices(spec: str | None) -> list[str] | None:
-    if spec is None:
-        return None
-    items = [c.strip() for c in spec.split(",") if c.strip()]
-    if len(items) < 2 or len(set(items)) != len(items):
-        raise CLIError(f"--choices {spec!r}: give two or more distinct comma-separated answers, e.g. yes,no")
-    return items
-
-
 def cmd_vqa(args: argparse.Namespace) -> None:
-    if not args.question.strip():
-        raise CLIError("the question is empty")
-    choices = _choices(args.choices)
+    from mavilt.serving.requests import VQARequest
+
+    req = _request(VQARequest, {"question": args.question, "choices": args.choices},
+                   {"question": "the question", "choices": "--choices"})
     paths = _check_inputs([args.image])
     _check_bundle(args.bundle)
     bundle = _load(args)
     images = _read(paths, bundle.image_size)
-    res = bundle.vqa(images, [args.question], [choices])[0]
+    res = bundle.vqa(images, [req.question], [list(req.choices) if req.choices else None])[0]
     if args.json:
         _emit({"path": str(paths[0]), "question": args.question, "answer": res["answer"],
                "probabilities": res.get("probabilities")})

@@ -134,10 +134,10 @@ def test_more_user_errors(world, tmp_path, capsys):
         (("report", bad, "--bundle", world["bundle"]), "cannot read image"),
         (("report", tmp_path, "--bundle", world["bundle"]), "not a file"),
         (("report", world["png"], "--bundle", tmp_path / "nowhere"), "bundle folder not found"),
-        (("report", world["png"], "--bundle", world["bundle"], "--beams", "0"), "--beams must be >= 1"),
+        (("report", world["png"], "--bundle", world["bundle"], "--beams", "0"), "--beams: num_beams must be in [1, 8], got 0"),
         (("report", world["png"], "--bundle", world["bundle"], "--device", "tpu"), "--device tpu"),
         (("synthesize", "x", "-o", tmp_path / "a.jpg", "--bundle", world["bundle"]), "must be a .png file"),
-        (("synthesize", "  ", "-o", tmp_path / "a.png", "--bundle", world["bundle"]), "report text is empty"),
+        (("synthesize", "  ", "-o", tmp_path / "a.png", "--bundle", world["bundle"]), "the report text: text is empty"),
         (("vqa", world["png"], "Is it?", "--choices", "yes", "--bundle", world["bundle"]), "two or more distinct"),
     ]
     for args, part in cases:
