@@ -282,6 +282,7 @@ class DeploymentConfig:
     target_ongoing_requests: float = setting(2.0, "ongoing requests per replica the autoscaler aims at")
     upscale_delay_s: float = setting(30.0, "seconds of sustained load before a replica is added")
     downscale_delay_s: float = setting(600.0, "seconds of low load before a replica is removed")
+    look_back_period_s: float = setting(30.0, "seconds of load the autoscaler averages over")
 
 
 @dataclass
@@ -557,7 +558,7 @@ def _check_serve(sv: ServeConfig) -> None:
         if not 0 <= d.min_replicas <= d.max_replicas or d.max_replicas < 1:
             raise ConfigError(f"serve.{name}: need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
                               f"{d.min_replicas} and {d.max_replicas}")
-        if d.target_ongoing_requests <= 0 or d.upscale_delay_s < 0 or d.downscale_delay_s < 0:
+        if d.target_ongoing_requests <= 0 or min(d.upscale_delay_s, d.downscale_delay_s, d.look_back_period_s) < 0:
             raise ConfigError(f"serve.{name}: target_ongoing_requests must be > 0 and the delays >= 0")
 
 

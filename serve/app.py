@@ -135,18 +135,19 @@ class Ingress:
         return await self.llm.describe.remote(ck.uri)
 
 
-def build(cfg) -> serve.Application:
-    """The application for a config (its ``serve`` section sets every deployment's options)."""
+def build(cfg, checkpoint: str | None = None) -> serve.Application:
+    """The application for a config (its ``serve`` section sets every deployment's options); ``checkpoint``
+    sets the ingress's ``user_config.checkpoint`` (a Serve config file's ``user_config`` replaces it)."""
     sv = cfg.serve
     part = lambda cls, name: cls.options(**deployment_options(name, sv)).bind(sv)  # noqa: E731
-    return Ingress.options(**deployment_options("ingress", sv)).bind(
-        part(ImageTokenizer, "tokenizer"), part(LLM, "llm"), part(ImageDecoder, "decoder"), sv)
+    ingress = Ingress.options(**deployment_options("ingress", sv), user_config={"checkpoint": checkpoint})
+    return ingress.bind(part(ImageTokenizer, "tokenizer"), part(LLM, "llm"), part(ImageDecoder, "decoder"), sv)
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
     """``serve run serve.app:app_builder config=base set=serve.llm.max_replicas=4``: a preset and overrides."""
     overrides = [s for s in str(args.get("set", "")).split(",") if s]
-    return build(load_config(args.get("config", os.environ.get(CONFIG_ENV, "tiny")), overrides))
+    return build(load_config(args.get("config", os.environ.get(CONFIG_ENV, "tiny")), overrides), args.get("checkpoint"))
 
 
 app = build(load_config(os.environ.get(CONFIG_ENV, "tiny")))

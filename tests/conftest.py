@@ -17,6 +17,10 @@ IU_REPORTS = REPO / ".cache" / "iu_xray" / "ecgen-radiology"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Serve's autoscaling reads replicas' and handles' load every 10 s by default: the autoscaling test needs it
+# within a second, and these are read when the suite's Ray starts.
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 
 
 def _free_port() -> int:

@@ -24,7 +24,8 @@ def deployment_options(name: str, serve_cfg) -> dict[str, Any]:
         opts["autoscaling_config"] = {"min_replicas": d.min_replicas, "max_replicas": d.max_replicas,
                                       "initial_replicas": max(d.min_replicas, 1),
                                       "target_ongoing_requests": d.target_ongoing_requests,
-                                      "upscale_delay_s": d.upscale_delay_s, "downscale_delay_s": d.downscale_delay_s}
+                                      "upscale_delay_s": d.upscale_delay_s, "downscale_delay_s": d.downscale_delay_s,
+                                      "look_back_period_s": d.look_back_period_s}
     return opts
 
 
