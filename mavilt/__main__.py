@@ -251,7 +251,8 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
     outs = _output_paths(args.output, args.num)
     _check_bundle(args.bundle)
     bundle = _load(args)
-    images = bundle.synthesize([req.text] * req.num_images, **req.settings())
+    images = bundle.synthesize([req.text] * req.num_images, req.row_seeds(bundle.config.generate.seed),
+                               **req.settings())
     for path, img in zip(outs, images):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode_png(img[0].numpy(), bit_depth=args.bit_depth))

@@ -152,7 +152,8 @@ class Bundle:
         """CXR -> report text (the configured section)."""
         return self.report_from_codes(self.encode_images(images), **overrides)
 
-    def synthesize_codes(self, texts: Sequence[str], **overrides) -> torch.Tensor:
+    def synthesize_codes(self, texts: Sequence[str], seeds: Sequence[int] | None = None, **overrides) -> torch.Tensor:
+        """Report text -> codes [B, N]; ``seeds`` one per text (default: the ``seed`` setting + the row's index)."""
         from mavilt.llm.generate import generate_image_codes
         from mavilt.llm.tasks import SYNTHESIZE
 
@@ -162,11 +163,11 @@ class Bundle:
         uncond = [SYNTHESIZE.prompt(self.vocab, self.codec, None, max_length=ml) for _ in texts]
         return generate_image_codes(self.llm, self.vocab, prompts, uncond_prompts=uncond, cfg_scale=g.cfg_scale,
                                     temperature=g.image_temperature, top_k=g.top_k, top_p=g.top_p if g.do_sample else 1.0,
-                                    seed=g.seed)
+                                    seed=g.seed if seeds is None else list(seeds))
 
-    def synthesize(self, texts: Sequence[str], **overrides) -> torch.Tensor:
+    def synthesize(self, texts: Sequence[str], seeds: Sequence[int] | None = None, **overrides) -> torch.Tensor:
         """Report text -> images [B, 1, H, W] in [0, 1]."""
-        return self.decode_codes(self.synthesize_codes(texts, **overrides))
+        return self.decode_codes(self.synthesize_codes(texts, seeds, **overrides))
 
     def vqa_from_codes(self, codes: torch.Tensor, questions: Sequence[str], choices: Sequence[Sequence[str] | None]) -> list[dict[str, Any]]:
         from mavilt.llm.generate import answer_probabilities, generate_text

@@ -291,6 +291,23 @@ def test_generated_image_spans_are_always_n_valid_codes(small):
         generate_image_codes(m, v, [prompts[0][:-1]])
 
 
+def test_a_seeded_image_is_the_same_alone_and_batched_with_others(small):
+    m, v, codec = small["model"], small["vocab"], small["codec"]
+    prompts = [SYNTHESIZE.prompt(v, codec, t) for t in (TEXTS[0], TEXTS[1] + " " + TEXTS[2], TEXTS[1])]
+    unc = [SYNTHESIZE.prompt(v, codec, None)] * 3
+    for kwargs in ({"temperature": 1.0}, {"temperature": 1.0, "top_k": 5, "cfg_scale": 2.0}):
+        batched = generate_image_codes(m, v, prompts, seed=[7, 3, 7], uncond_prompts=unc, **kwargs)
+        alone = generate_image_codes(m, v, [prompts[0]], seed=[7], uncond_prompts=unc[:1], **kwargs)
+        assert torch.equal(batched[0], alone[0])
+        # An int seed gives row i the seed + i: the first row's image is the same as with seed=[7, ...].
+        assert torch.equal(generate_image_codes(m, v, prompts[:2], seed=7, uncond_prompts=unc[:2], **kwargs)[0],
+                           alone[0])
+    other = generate_image_codes(m, v, [prompts[0]], seed=[8], temperature=1.0)
+    assert not torch.equal(other[0], generate_image_codes(m, v, [prompts[0]], seed=[7], temperature=1.0)[0])
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate_image_codes(m, v, prompts, seed=[1, 2])
+
+
 def test_image_generation_is_the_same_batched_and_alone(small):
     m, v, codec = small["model"], small["vocab"], small["codec"]
     prompts = [SYNTHESIZE.prompt(v, codec, t) for t in (TEXTS[0], TEXTS[1] + " " + TEXTS[2])]

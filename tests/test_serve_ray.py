@@ -41,6 +41,13 @@ def _replicas(name: str) -> int:
     return int(states.get("RUNNING", 0))
 
 
+def load_overrides(served, overrides: list[str]):
+    """The served config with more overrides (the fixture's own first)."""
+    from mavilt.config import load_config
+
+    return load_config("tiny", [*served["overrides"], *overrides])
+
+
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
     import httpx
@@ -55,16 +62,16 @@ def served(ray_session, tmp_path_factory):
     port = _free_port()
     # Short delays so the autoscaler acts within the test; the metrics interval is set before Ray starts
     # (conftest.py).
-    cfg = load_config("tiny", ["serve.llm.target_ongoing_requests=1", "serve.llm.upscale_delay_s=1",
-                               "serve.llm.downscale_delay_s=4", "serve.llm.look_back_period_s=2",
-                               "serve.max_upload_mb=0.5"])
+    overrides = ["serve.llm.target_ongoing_requests=1", "serve.llm.upscale_delay_s=1",
+                 "serve.llm.downscale_delay_s=4", "serve.llm.look_back_period_s=2", "serve.max_upload_mb=0.5"]
+    cfg = load_config("tiny", overrides)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg, str(bundles[0].path)), name="mavilt", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     buf = io.BytesIO()
     Image.fromarray(quadrants(48, 40, 10, 250, 130, dtype=np.uint8)).save(buf, format="PNG")
     yield {"client": client, "url": f"http://127.0.0.1:{port}", "png": buf.getvalue(), "bundles": bundles, "cfg": cfg,
-           "build": build}
+           "overrides": overrides, "build": build}
     client.close()
     serve.delete("mavilt")
     serve.shutdown()
@@ -122,6 +129,14 @@ def test_fifty_concurrent_requests_are_answered_in_batches(served):
     llm = serve.get_deployment_handle("LLM", app_name="mavilt")
     sizes = llm.batch_sizes.remote().result()
     assert max(sizes) > 1, sizes
+    # Batched with strangers' requests (other seeds, other texts), a seeded image is the one it is alone.
+    c = served["client"]
+    alone = c.post("/v1/synthesize", json={"text": "Cardiomegaly.", "seed": 5}).content
+    bodies = [{"text": "Cardiomegaly.", "seed": 5}, {"text": "Cardiomegaly.", "seed": 6},
+              {"text": "Small left pleural effusion.", "seed": 5}, {"text": "Cardiomegaly.", "seed": 5}] * 3
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        images = list(pool.map(lambda b: c.post("/v1/synthesize", json=b).content, bodies))
+    assert all(images[i] == alone for i in range(0, len(bodies), 4)) and images[1] != alone
 
 
 def test_sustained_load_scales_the_llm_to_two_replicas_and_back(served):
@@ -241,3 +256,25 @@ def test_the_page_in_a_real_browser(served, browser, tmp_path):
     wait.until(lambda d: el("report-error").text)
     assert "415" in el("report-error").text and "not a PNG, JPEG or DICOM image" in el("report-error").text
     assert "Doe" not in browser.page_source and "notes.png" not in browser.page_source
+
+
+def test_an_overload_is_answered_503_with_a_retry_hint_and_the_rest_are_served(served):
+    from ray import serve
+
+    # One request at a time per model call and one waiting: 24 at once must overflow the LLM's queue.
+    cfg = load_overrides(served, ["serve.max_queued_requests=1", "serve.max_batch_size=1",
+                                  "serve.llm.min_replicas=1", "serve.llm.max_replicas=1"])
+    serve.run(served["build"](cfg, str(served["bundles"][0].path)), name="mavilt", route_prefix="/")
+    c, png = served["client"], served["png"]
+
+    def one(_):
+        return c.post("/v1/report", files={"image": ("x.png", png)}, data={"max_new_tokens": "24"})
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(one, range(24)))
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) == {200, 503}, statuses
+    busy = next(r for r in answers if r.status_code == 503)
+    assert busy.headers["Retry-After"] == "1" and "serve.max_queued_requests" in busy.json()["error"]
+    # The replicas live on: the next request is answered.
+    assert one(0).status_code == 200

@@ -192,3 +192,32 @@ def test_no_checkpoint_is_a_503_that_says_how_to_set_one(tmp_path):
     r = c.get("/v1/model")
     assert r.status_code == 503 and "not a model bundle" in r.json()["error"]
     assert c.get("/healthz").status_code == 503
+
+
+def test_a_request_over_the_time_limit_gets_a_504(files):
+    c = _client(files["bundle"], ["serve.request_timeout_s=0.01"])
+    r = c.post("/v1/report", files={"image": ("x", files["png"])}, data={"max_new_tokens": "64", "num_beams": "4"})
+    assert r.status_code == 504 and "serve.request_timeout_s" in r.json()["error"]
+    assert c.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base", "paper"])
+def test_each_deployment_takes_its_own_resources_and_batches_are_never_capped(preset):
+    from mavilt.serving.deploy import deployment_options
+
+    sv = load_config(preset).serve
+    opts = {name: deployment_options(name, sv) for name in ("ingress", "tokenizer", "llm", "decoder")}
+    for name, o in opts.items():
+        d = getattr(sv, name)
+        assert o["ray_actor_options"] == {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
+        assert o["max_ongoing_requests"] >= sv.max_batch_size  # Serve's default of 5 would cap each batch at 5
+        # The ingress's queue is never the first to overflow (its 503 would come from Serve's proxy, in plain text).
+        assert o["max_queued_requests"] >= (sv.max_queued_requests if name != "ingress" else 1024)
+    if preset == "tiny":
+        assert [opts[n]["ray_actor_options"]["num_cpus"] for n in ("ingress", "tokenizer", "decoder", "llm")] == \
+            [0.1, 0.2, 0.2, 0.5]
+        scaling = opts["llm"]["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 2)
+        assert "autoscaling_config" not in opts["tokenizer"] and opts["tokenizer"]["num_replicas"] == 1
+    else:
+        assert opts["llm"]["ray_actor_options"]["num_gpus"] >= 0.8

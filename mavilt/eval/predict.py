@@ -42,7 +42,11 @@ class BundlePredictor:
             texts = b.report_from_codes(codes, **overrides)
             return {"index": batch["index"], "output": np.array([json.dumps(t) for t in texts], dtype=object)}
         if task == "synthesize":
-            codes = b.synthesize_codes([str(t) for t in batch["text"]], **overrides)
+            # Each image's seed follows its row, not its place in a batch: the same images whatever the batching.
+            base = b.config.generate.seed if overrides.get("seed") is None else int(overrides["seed"])
+            seeds = [base + int(i) for i in batch["index"]]
+            codes = b.synthesize_codes([str(t) for t in batch["text"]], seeds,
+                                       **{k: v for k, v in overrides.items() if k != "seed"})
             return {"index": batch["index"], "output": np.array([json.dumps(c.tolist()) for c in codes], dtype=object)}
         if task == "vqa":
             codes = torch.as_tensor(np.stack(list(batch["codes"])).astype(np.int64))

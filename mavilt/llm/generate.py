@@ -91,8 +91,10 @@ def generate_text(
 # ---- images ----------------------------------------------------------------------------------------------
 
 
-def sample_logits(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy when temperature == 0, otherwise top-k / nucleus sampling. logits: [B, K] -> [B]."""
+def sample_logits(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Greedy when temperature == 0, otherwise top-k / nucleus sampling. logits: [B, K] -> [B]. With one
+    generator per row, each row draws from its own stream (its sample does not depend on the other rows)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -106,8 +108,11 @@ def sample_logits(logits: torch.Tensor, *, temperature: float, top_k: int, top_p
         drop = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.float().softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = logits.float().softmax(-1).cpu()
+    if isinstance(generator, Sequence):
+        drawn = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
+        return drawn.to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 @torch.no_grad()
@@ -121,9 +126,13 @@ def generate_image_codes(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
 ) -> torch.Tensor:
-    """Exactly N codes per prompt (each prompt ends with ``<boi>``): LongTensor [B, N] in [0, K)."""
+    """Exactly N codes per prompt (each prompt ends with ``<boi>``): LongTensor [B, N] in [0, K).
+
+    ``seed``: one per prompt, or an int giving prompt i the seed ``seed + i``. Each prompt samples from its own
+    stream, so an image depends on its prompt and seed, not on the prompts batched with it (a server batches
+    strangers' requests)."""
     for p in prompts:
         if not p or p[-1] != vocab.boi_id:
             raise ValueError("every image prompt must end with <boi>")
@@ -138,7 +147,10 @@ def generate_image_codes(
     dev = _device(model)
     ids, mask = left_pad(all_prompts, vocab.pad_id, dev)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    gen = torch.Generator().manual_seed(seed)
+    seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(x) for x in seed]
+    if len(seeds) != b:
+        raise ValueError(f"one seed per prompt: got {len(seeds)} seeds for {b} prompts")
+    gen = [torch.Generator().manual_seed(x) for x in seeds]
     lo, hi = vocab.first_image_id, vocab.first_image_id + vocab.codebook_size
     was_training = model.training
     model.eval()

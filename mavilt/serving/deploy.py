@@ -8,6 +8,10 @@ from typing import Any
 # The ingress only awaits the parts, so it holds many requests at once; a model part holds two batches (one
 # running, one filling), never fewer than the batch size (Serve's default of 5 would cap every batch at 5).
 INGRESS_ONGOING = 256
+# The ingress's own queue must not be the one that overflows: Serve's proxy answers that with a plain-text 503
+# and no retry hint (and counts a burst still being assigned to replicas as queued). The model parts' queues
+# (serve.max_queued_requests) fill first, and the API answers those with its JSON 503 and Retry-After.
+INGRESS_QUEUED = 1024
 
 
 def deployment_options(name: str, serve_cfg) -> dict[str, Any]:
@@ -16,7 +20,8 @@ def deployment_options(name: str, serve_cfg) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
         "max_ongoing_requests": ongoing,
-        "max_queued_requests": serve_cfg.max_queued_requests,
+        "max_queued_requests": max(INGRESS_QUEUED, serve_cfg.max_queued_requests) if name == "ingress"
+        else serve_cfg.max_queued_requests,
     }
     if d.min_replicas == d.max_replicas:
         opts["num_replicas"] = d.max_replicas

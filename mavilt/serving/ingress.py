@@ -57,33 +57,40 @@ class CheckpointState:
 
 class LocalBackend:
     """The three parts in this process, behind the same HTTP API (no Ray Serve): for a laptop without Ray,
-    and for the API's tests. ``serve/app.py`` is the deployment."""
+    and for the API's tests. ``serve/app.py`` is the deployment. Model calls run one at a time on a worker
+    thread, so the event loop stays free (health checks answer, and ``serve.request_timeout_s`` applies)."""
 
     def __init__(self, serve_cfg, checkpoint: str | None = None, device: str | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
         from mavilt.serving.models import DecoderModel, LanguageModel, TokenizerModel
 
         self.serve_cfg = serve_cfg
         self.state = CheckpointState()
         self.state._ckpt = self.state._resolve(checkpoint)
         self.tokenizer, self.llm, self.decoder = TokenizerModel(device), LanguageModel(device), DecoderModel(device)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="mavilt-model")
 
     def current(self):
         return self.state.current()
 
+    async def _one(self, fn, item):
+        return (await asyncio.get_running_loop().run_in_executor(self._worker, fn, [item]))[0]
+
     async def encode(self, ck, image):
-        return self.tokenizer.encode([(ck.uri, image)])[0]
+        return await self._one(self.tokenizer.encode, (ck.uri, image))
 
     async def report(self, ck, codes, request):
-        return self.llm.report([(ck.uri, codes, request)])[0]
+        return await self._one(self.llm.report, (ck.uri, codes, request))
 
     async def synthesize(self, ck, request):
-        return self.llm.synthesize([(ck.uri, request.text, request)])[0]
+        return await self._one(self.llm.synthesize, (ck.uri, request.text, request))
 
     async def decode(self, ck, codes):
-        return self.decoder.decode([(ck.uri, codes)])[0]
+        return await self._one(self.decoder.decode, (ck.uri, codes))
 
     async def vqa(self, ck, codes, request):
-        return self.llm.vqa([(ck.uri, codes, request)])[0]
+        return await self._one(self.llm.vqa, (ck.uri, codes, request))
 
     async def describe(self, ck):
-        return self.llm.describe(ck.uri)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.llm.describe, ck.uri)

@@ -203,7 +203,8 @@ class LanguageModel:
         def run(group):
             b = self.cache.get(group[0][0])
             texts = [t for _, t, r in group for _ in range(r.num_images)]
-            codes = b.synthesize_codes(texts, **group[0][2].settings()).numpy()
+            seeds = [s for _, _, r in group for s in r.row_seeds(b.config.generate.seed)]
+            codes = b.synthesize_codes(texts, seeds, **group[0][2].settings()).numpy()
             out, at = [], 0
             for _, _, r in group:
                 out.append(codes[at : at + r.num_images])

@@ -187,7 +187,14 @@ class SynthesizeRequest(_Request):
 
     FIELDS: ClassVar[tuple[str, ...]] = ("text", "seed", "cfg_scale", "image_temperature", "top_k", "num_images",
                                          "format")
-    SETTINGS: ClassVar[tuple[str, ...]] = ("seed", "cfg_scale", "image_temperature", "top_k")
+    # The seed is not a batch-wide setting: each image samples from its own stream (``row_seeds``), so
+    # requests with different seeds share a batch and a seed gives the same image alone or batched.
+    SETTINGS: ClassVar[tuple[str, ...]] = ("cfg_scale", "image_temperature", "top_k")
+
+    def row_seeds(self, default: int) -> list[int]:
+        """The seed of each of this request's images: its seed (or ``default``, the bundle's) + the image's index."""
+        base = default if self.seed is None else self.seed
+        return [base + j for j in range(self.num_images)]
 
     @classmethod
     def _check(cls, v: dict[str, Any], limits: RequestLimits) -> dict[str, Any]:
