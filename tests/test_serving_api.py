@@ -221,3 +221,23 @@ def test_each_deployment_takes_its_own_resources_and_batches_are_never_capped(pr
         assert "autoscaling_config" not in opts["tokenizer"] and opts["tokenizer"]["num_replicas"] == 1
     else:
         assert opts["llm"]["ray_actor_options"]["num_gpus"] >= 0.8
+
+
+def test_the_serve_config_file_is_valid_and_names_an_application_that_builds():
+    """What `serve run` / `serve deploy` check first: Ray's own schema (it refuses a relative working_dir), an
+    import path that resolves to the application, and no checkpoint set (so the default order applies)."""
+    from pathlib import Path
+
+    import yaml
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.import_path == "serve.app:app" and app.route_prefix == "/"
+    assert raw["http_options"]["host"] == "127.0.0.1"  # loopback unless the operator means otherwise
+    ingress = next(d for d in app.deployments if d.name == "Ingress")
+    assert ingress.user_config == {"checkpoint": None}
+    built = import_attr(app.import_path)
+    assert type(built).__name__ == "Application"
