@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (serve.*)")
     p.add_argument("--endpoint", choices=("report", "synthesize"), default="report")
     p.add_argument("--concurrency", type=int, nargs=2, default=[4, 32], metavar=("LOW", "HIGH"))
-    p.add_argument("--requests", type=int, default=96, help="requests per concurrency level and mode")
+    p.add_argument("--requests", type=int, default=160, help="requests per concurrency level and mode")
     p.add_argument("--out", type=Path, help="also write the JSON result here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

@@ -95,7 +95,7 @@ def test_vqa_closed_and_open(client, files):
 def test_health_model_page_and_openapi(client, files):
     assert client.get("/healthz").json()["status"] == "ok"
     m = client.get("/v1/model").json()
-    assert m["image_size"] == 32 and m["vocab"]["codebook"] == 32 and m["batching"]["max_batch_size"] == 8
+    assert m["image_size"] == 32 and m["vocab"]["codebook"] == 32 and m["batching"]["max_batch_size"] == 16
     assert m["checkpoint"]["uri"].endswith("bundle") and m["code_version"]
     page = client.get("/")
     assert page.status_code == 200 and "/v1/report" in page.text and "X-API-Key" in page.text
