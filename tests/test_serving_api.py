@@ -241,3 +241,32 @@ def test_the_serve_config_file_is_valid_and_names_an_application_that_builds():
     assert ingress.user_config == {"checkpoint": None}
     built = import_attr(app.import_path)
     assert type(built).__name__ == "Application"
+
+
+def test_the_checkpoint_is_user_config_then_the_environment_then_the_demo_run(files, tmp_path, monkeypatch):
+    from mavilt.errors import InputError
+    from mavilt.serving import models
+    from mavilt.serving.models import CHECKPOINT_ENV, resolve_checkpoint
+
+    bundle = str(files["bundle"])
+    other = str(build_tiny_bundle(tmp_path / "other", seed=1))
+    env = {CHECKPOINT_ENV: other}
+    assert resolve_checkpoint(bundle, env).source == "user_config.checkpoint"
+    assert resolve_checkpoint(bundle, env).uri.endswith("bundle")
+    from_env = resolve_checkpoint(None, env)
+    assert from_env.source == CHECKPOINT_ENV and from_env.uri.endswith("other")
+    assert from_env.content_hash != resolve_checkpoint(bundle, env).content_hash and from_env.image_size == 32
+    # A stage-2 sweep's best.json names its bundle; a tokenizer sweep's names a VQ-GAN checkpoint, not a bundle.
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "best.json").write_text(json.dumps({"job": "sweep_reg", "checkpoint": bundle}))
+    assert resolve_checkpoint(str(tmp_path / "stage2" / "best.json"), {}).uri.endswith("bundle")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "best.json").write_text(json.dumps({"job": "sweep_tokenizer", "checkpoint": str(tmp_path)}))
+    with pytest.raises(InputError, match="not a model bundle"):
+        resolve_checkpoint(str(tmp_path / "tok" / "best.json"), {})
+    with pytest.raises(InputError, match="no such file"):
+        resolve_checkpoint(str(tmp_path / "nowhere" / "best.json"), {})
+    # Nothing set and no demo run: say every way to set one.
+    monkeypatch.setattr(models, "DEMO_BUNDLE", ("runs", "no-such-run", "stage2", "bundle"))
+    with pytest.raises(InputError, match=f"user_config.checkpoint.*{CHECKPOINT_ENV}.*make demo"):
+        resolve_checkpoint(None, {})
