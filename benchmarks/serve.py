@@ -77,7 +77,7 @@ async def drive(url: str, bodies: list[dict], concurrency: int) -> dict:
             "p99_s": round(float(np.percentile(lat, 99)), 3), "failures": failures}
 
 
-def measure(mode: str, args, checkpoint: str, url: str) -> list[dict]:
+def measure(mode: str, args, ckpt, url: str) -> list[dict]:
     """Deploy the application in one mode, warm it up, and drive it at each concurrency level."""
     from ray import serve
 
@@ -90,10 +90,8 @@ def measure(mode: str, args, checkpoint: str, url: str) -> list[dict]:
         overrides.append("serve.max_batch_size=1")
     cfg = load_config(args.config, overrides)
     log.info("%s: deploying (max_batch_size=%d)", mode, cfg.serve.max_batch_size)
-    serve.run(build(cfg, checkpoint), name="bench", route_prefix="/")
-    from mavilt.serving.models import resolve_checkpoint
-
-    size = resolve_checkpoint(checkpoint).image_size
+    serve.run(build(cfg, ckpt.uri), name="bench", route_prefix="/")
+    size = ckpt.image_size
     warm = request_bodies(args.endpoint, 2 * max(args.concurrency), size, seed=999)
     asyncio.run(drive(url, warm, max(args.concurrency)))  # every replica has loaded its part and run its path
     out = []
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     url = f"http://127.0.0.1:{port}"
     load_before = os.getloadavg()
     try:
-        rows = measure("batched", args, ckpt.uri, url) + measure("unbatched", args, ckpt.uri, url)
+        rows = measure("batched", args, ckpt, url) + measure("unbatched", args, ckpt, url)
     finally:
         serve.shutdown()
     by = {(r["mode"], r["concurrency"]): r for r in rows}

@@ -341,10 +341,17 @@ def test_closed_vqa_probabilities_sum_to_one(small):
 
 def test_nucleus_sampling_keeps_the_top_mass():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    seen = {int(sample_logits(logits, temperature=1.0, top_k=0, top_p=0.7, generator=torch.Generator().manual_seed(s)))
-            for s in range(200)}
+    draws = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    seen = {int(sample_logits(logits, temperature=1.0, top_k=0, top_p=0.7, uniform=u.view(1))) for u in draws}
     assert seen == {0, 1}
-    assert int(sample_logits(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None)) == 0
+    assert int(sample_logits(logits, temperature=0.0, top_k=0, top_p=1.0, uniform=None)) == 0
+    # The draws are inverted through each row's CDF: evenly spread draws give the kept mass's proportions
+    # (0.5 and 0.3 renormalised), and a draw of 0 never picks an id the nucleus dropped.
+    grid = (torch.arange(1000) + 0.5) / 1000
+    picks = sample_logits(logits.expand(1000, 4), temperature=1.0, top_k=0, top_p=0.7, uniform=grid)
+    assert float((picks == 0).float().mean()) == pytest.approx(0.5 / 0.8, abs=0.002)
+    masked = torch.tensor([[float("-inf"), 0.0, 0.0]])
+    assert int(sample_logits(masked, temperature=1.0, top_k=0, top_p=1.0, uniform=torch.zeros(1))) == 1
 
 
 def test_codes_attach_by_image_id_and_an_image_without_codes_names_the_fix():

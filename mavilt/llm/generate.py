@@ -92,11 +92,16 @@ def generate_text(
 
 
 def sample_logits(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
-                  generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-    """Greedy when temperature == 0, otherwise top-k / nucleus sampling. logits: [B, K] -> [B]. With one
-    generator per row, each row draws from its own stream (its sample does not depend on the other rows)."""
+                  uniform: torch.Tensor | None) -> torch.Tensor:
+    """Greedy when temperature == 0, otherwise top-k / nucleus sampling. logits: [B, K] -> [B].
+
+    ``uniform`` [B] in [0, 1): each row's draw, inverted through its distribution's CDF. The caller draws them
+    from each row's own seeded stream, so a row's sample never depends on the other rows, and the step is one
+    batched operation on the logits' device (no per-row loop, no copy to the host)."""
     if temperature <= 0:
         return logits.argmax(-1)
+    if uniform is None:
+        raise ValueError("sampling (temperature > 0) needs one uniform draw per row")
     logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -108,11 +113,10 @@ def sample_logits(logits: torch.Tensor, *, temperature: float, top_k: int, top_p
         drop = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.float().softmax(-1).cpu()
-    if isinstance(generator, Sequence):
-        drawn = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
-        return drawn.to(logits.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    cdf = logits.float().softmax(-1).cumsum(-1)
+    # right=True: the first id whose CDF exceeds the draw, so an id of zero probability is never chosen.
+    target = (uniform.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -150,7 +154,9 @@ def generate_image_codes(
     seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(x) for x in seed]
     if len(seeds) != b:
         raise ValueError(f"one seed per prompt: got {len(seeds)} seeds for {b} prompts")
-    gen = [torch.Generator().manual_seed(x) for x in seeds]
+    # Every row's draws for all N steps at once, from its own stream.
+    draws = torch.stack([torch.rand(vocab.tokens_per_image, generator=torch.Generator().manual_seed(x))
+                         for x in seeds]).to(dev)
     lo, hi = vocab.first_image_id, vocab.first_image_id + vocab.codebook_size
     was_training = model.training
     model.eval()
@@ -158,12 +164,12 @@ def generate_image_codes(
     cache = _cache_of(out)
     last_pos = positions[:, -1:]
     codes = []
-    for _ in range(vocab.tokens_per_image):
+    for step in range(vocab.tokens_per_image):
         logits = out.logits[:, -1, lo:hi].float()  # only image ids can be chosen
         if guided:
             cond, uncond = logits[:b], logits[b:]
             logits = uncond + cfg_scale * (cond - uncond)
-        code = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+        code = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=draws[:, step])
         codes.append(code)
         nxt = (code + lo).unsqueeze(-1)
         if guided:

@@ -16,12 +16,14 @@ INGRESS_QUEUED = 1024
 
 def deployment_options(name: str, serve_cfg) -> dict[str, Any]:
     d = getattr(serve_cfg, name)
-    ongoing = INGRESS_ONGOING if name == "ingress" else 2 * serve_cfg.max_batch_size
+    if name == "ingress":
+        ongoing, queued = INGRESS_ONGOING, max(INGRESS_QUEUED, serve_cfg.max_queued_requests)
+    else:
+        ongoing, queued = 2 * serve_cfg.max_batch_size, serve_cfg.max_queued_requests
     opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
         "max_ongoing_requests": ongoing,
-        "max_queued_requests": max(INGRESS_QUEUED, serve_cfg.max_queued_requests) if name == "ingress"
-        else serve_cfg.max_queued_requests,
+        "max_queued_requests": queued,
     }
     if d.min_replicas == d.max_replicas:
         opts["num_replicas"] = d.max_replicas
