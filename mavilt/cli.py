@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -21,6 +22,8 @@ from mavilt.errors import MavilError
 log = logging.getLogger("mavilt")
 
 EXIT_USER_ERROR = 2
+# Where runs go when --storage is not given: a cluster's shared storage (cluster.yaml, k8s/ set it).
+STORAGE_ENV = "MAVILT_STORAGE"
 
 
 def job_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -34,8 +37,11 @@ def training_parser(doc: str | None, default_name: str) -> argparse.ArgumentPars
     """The arguments every training job shares: --data, --storage, --name, --config, --set, --debug."""
     p = job_parser(doc)
     p.add_argument("--data", required=True, help="a dataset written by jobs/prepare.py (a folder or a URI)")
-    p.add_argument("--storage", required=True,
-                   help="folder or URI (s3://bucket/prefix, gs://...) for runs: checkpoints land in STORAGE/NAME")
+    env_storage = os.environ.get(STORAGE_ENV) or None
+    p.add_argument("--storage", required=env_storage is None, default=env_storage,
+                   help="folder or URI (s3://bucket/prefix, gs://...) for runs: checkpoints land in STORAGE/NAME "
+                        f"(default: ${STORAGE_ENV}, which cluster.yaml and the k8s manifests set" +
+                        (f"; here {env_storage})" if env_storage else "; unset here)"))
     p.add_argument("--name", default=default_name, help="run name; re-running with the same name resumes")
     add_config_args(p)
     return p
@@ -106,7 +112,10 @@ def sweep_main(job: str, doc: str | None, spaces: Callable[[Config, str | None],
     add_config_args(p)
     p.add_argument("--num-samples", type=int, help="trials (default: tune.num_samples)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's resources fit)")
-    p.add_argument("--storage", default="runs/sweeps", help="folder or URI for sweeps (default: runs/sweeps)")
+    sweeps_storage = f"{os.environ[STORAGE_ENV].rstrip('/')}/sweeps" if os.environ.get(STORAGE_ENV) else "runs/sweeps"
+    p.add_argument("--storage", default=sweeps_storage,
+                   help=f"folder or URI for sweeps (default: ${STORAGE_ENV}/sweeps when set, else runs/sweeps; "
+                        f"here {sweeps_storage})")
     p.add_argument("--name", help="sweep name; re-running with the same name continues it (default: the sweep)")
     p.add_argument("--restart", action="store_true", help="delete the sweep of this name and start over")
     a = p.parse_args(argv)

@@ -75,7 +75,10 @@ class ComputeConfig:
     cpus_per_worker: float = setting(1.0, "CPUs each train worker reserves (fractions allowed)")
     gpus_per_worker: float = setting(1.0, "GPUs each train worker reserves when use_gpu (fractions allowed)")
     torch_threads: int = setting(1, "torch.set_num_threads inside each worker")
-    max_failures: int = setting(0, "Ray Train FailureConfig(max_failures): restarts from the last checkpoint")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = setting(
+        "PACK", "how the workers' placement group spreads over nodes (STRICT_SPREAD: one worker per node)")
+    max_failures: int = setting(0, "Ray Train FailureConfig(max_failures): restarts from the last checkpoint "
+                                   "after a worker dies (-1: always)")
     keep_checkpoints: int = setting(2, "checkpoints kept per run, best by the step's validation score")
 
 
@@ -90,7 +93,7 @@ class EncoderConfig:
     batch_size: int = setting(64, "images per step per worker")
     max_steps: int = setting(600, "training steps")
     eval_every: int = setting(100, "steps between validation passes (and checkpoints)")
-    log_every: int = setting(25, "steps between progress lines and metric reports")
+    log_every: int = setting(25, "steps between progress lines and history/wandb records (Ray gets the validation reports)")
     seed: int = setting(0, "seed of weights, augmentation and data order")
     augment: bool = setting(True, "small shifts and contrast jitter (no flips: laterality matters)")
 
@@ -127,7 +130,7 @@ class VQGANConfig:
     batch_size: int = setting(32, "images per step per worker")
     max_steps: int = setting(1500, "training steps")
     eval_every: int = setting(250, "steps between validation passes (and checkpoints)")
-    log_every: int = setting(50, "steps between progress lines and metric reports")
+    log_every: int = setting(50, "steps between progress lines and history/wandb records (Ray gets the validation reports)")
     seed: int = setting(0, "seed of weights and data order")
 
 
@@ -167,7 +170,7 @@ class LLMTrainConfig:
     batch_size: int = setting(16, "sequences per step per worker")
     max_steps: int = setting(1000, "training steps")
     eval_every: int = setting(200, "steps between validation passes (and checkpoints)")
-    log_every: int = setting(20, "steps between progress lines and metric reports")
+    log_every: int = setting(20, "steps between progress lines and history/wandb records (Ray gets the validation reports)")
     strategy: Literal["ddp", "deepspeed"] = setting("ddp", "ddp (or one process), or DeepSpeed ZeRO")
     deepspeed_config: str = setting("configs/deepspeed/zero2.json", "DeepSpeed JSON (zero2.json or zero3.json)")
     seed: int = setting(0, "seed of weights, example draws and batch order")

@@ -49,8 +49,9 @@ class Tracker:
     """Rank 0's metric log of one run: JSON lines always, wandb when configured and ``use_wandb``."""
 
     def __init__(self, history: Location | None, cfg: Config, *, name: str, folder: str | Path | Location,
-                 use_wandb: bool = True):
+                 use_wandb: bool = True, tags: dict[str, Any] | None = None):
         self.history = history
+        self.tags = dict(tags or {})  # added to every history record (the attempt's number)
         self._wandb = None
         if cfg.tracking.wandb and use_wandb:
             import wandb
@@ -61,7 +62,7 @@ class Tracker:
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.history is not None:
-            self.history.append_text(json.dumps(metrics) + "\n")
+            self.history.append_text(json.dumps({**metrics, **self.tags}) + "\n")
         if self._wandb is not None:
             step = metrics.get("step")
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},

@@ -123,3 +123,26 @@ def new_bucket() -> str:
 def s3(s3_server) -> str:
     """A fresh, empty bucket: its ``s3://`` URI."""
     return new_bucket()
+
+
+@pytest.fixture(scope="session")
+def llm_world(tmp_path_factory, ray_session):
+    """What the LLM stages start from: a 48-image synthetic set at 32 px, an untrained VQ-GAN (``vqgan/``) and a
+    tiny 'pretrained' LM (``lm/``), with the tiny model shapes of ``bundle_factory.TINY_MODEL_OVERRIDES``."""
+    import torch
+    from bundle_factory import TINY_MODEL_OVERRIDES
+
+    from mavilt.config import load_config
+    from mavilt.data.prepare import prepare_dataset
+    from mavilt.llm.model import build_tiny_lm
+    from mavilt.llm.textdata import report_documents, train_bpe_tokenizer
+    from mavilt.tokenizer.model import VQGAN
+
+    root = tmp_path_factory.mktemp("llmworld")
+    cfg = load_config("tiny", TINY_MODEL_OVERRIDES)
+    prepare_dataset("synthetic", root / "data", cfg, num_samples=48, use_ray=False)
+    torch.manual_seed(0)
+    VQGAN(cfg.vqgan, image_size=32).save_pretrained(root / "vqgan" / "vqgan")
+    tok = train_bpe_tokenizer(report_documents(root / "data"), 400, root / "lm" / "tokenizer")
+    build_tiny_lm(cfg.llm, tok).save_pretrained(root / "lm" / "llm")
+    return root

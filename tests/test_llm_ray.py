@@ -5,7 +5,9 @@ and the model bundle."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -31,33 +33,24 @@ def stage_overrides(stage: str, **kw) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_session):
-    """A 48-image synthetic set at 32 px, an untrained VQ-GAN and a tiny 'pretrained' LM."""
-    from mavilt.data.prepare import prepare_dataset
-    from mavilt.llm.model import build_tiny_lm
-    from mavilt.llm.textdata import report_documents, train_bpe_tokenizer
-    from mavilt.tokenizer.model import VQGAN
-
-    root = tmp_path_factory.mktemp("llmworld")
-    cfg = load_config("tiny", BASE)
-    prepare_dataset("synthetic", root / "data", cfg, num_samples=48, use_ray=False)
-    torch.manual_seed(0)
-    VQGAN(cfg.vqgan, image_size=32).save_pretrained(root / "vqgan" / "vqgan")
-    tok = train_bpe_tokenizer(report_documents(root / "data"), 400, root / "lm" / "tokenizer")
-    build_tiny_lm(cfg.llm, tok).save_pretrained(root / "lm" / "llm")
-    return root
+def world(llm_world):
+    return llm_world
 
 
 def run(world, stage, storage, name, extra=(), init=None, fail_at=None):
+    """A stage run from this process; ``fail_at``: the fault drill (rank 1 SIGKILLs itself after that step)."""
+    from mavilt.train.faults import FAIL_AT_STEP_ENV
     from mavilt.train.steps import run_stage
 
     cfg = load_config("tiny", BASE + list(extra))
-    return run_stage(stage, cfg, world / "data", world / "vqgan", init or world / "lm", storage, name,
-                     iu_dir=world / "no-iu", inject_failure_at_step=fail_at)
+    with mock.patch.dict(os.environ, {FAIL_AT_STEP_ENV: str(fail_at or "")}):
+        return run_stage(stage, cfg, world / "data", world / "vqgan", init or world / "lm", storage, name,
+                         iu_dir=world / "no-iu")
 
 
-def history(result) -> list[dict]:
-    return [json.loads(x) for x in (Path(result["output"]) / "history.jsonl").read_text().splitlines()]
+def history(result, *, steps_only: bool = False) -> list[dict]:
+    records = [json.loads(x) for x in (Path(result["output"]) / "history.jsonl").read_text().splitlines()]
+    return [r for r in records if "step" in r and not r.get("lost")] if steps_only else records
 
 
 def test_stage1_then_stage2_two_ddp_workers_write_a_working_bundle(world, tmp_path):
@@ -91,20 +84,6 @@ def test_stage1_then_stage2_two_ddp_workers_write_a_working_bundle(world, tmp_pa
     assert abs(sum(ans[1]["probabilities"].values()) - 1) < 1e-6
 
 
-def test_resume_after_failure_gives_the_same_loss_as_an_uninterrupted_run(world, tmp_path):
-    over = stage_overrides("stage1", max_steps=3, eval_every=2) + ["compute.num_workers=1", "compute.cpus_per_worker=1"]
-    straight = history(run(world, "stage1", tmp_path, "straight", over))
-    broken = run(world, "stage1", tmp_path, "broken", over, fail_at=2)
-    resumed = history(broken)
-    at = {h["step"]: h["train_loss"] for h in straight}
-    after = {h["step"]: h["train_loss"] for h in resumed}
-    assert after[3] == pytest.approx(at[3], rel=1e-5, abs=1e-6)
-    assert after[1] == pytest.approx(at[1], rel=1e-6)
-    # Started again under the same name, a finished run resumes at its last step and does nothing more.
-    again = run(world, "stage1", tmp_path, "broken", over)
-    assert len(history(again)) == len(resumed) + 1 and history(again)[-1]["step"] == 3
-
-
 def test_larger_lambda_reg_gives_smaller_drift(world, tmp_path):
     common = ["compute.num_workers=1", "compute.cpus_per_worker=1"]
     free = run(world, "stage1", tmp_path, "free", stage_overrides("stage1", max_steps=6, eval_every=6, lambda_reg=0.0) + common)
@@ -122,8 +101,8 @@ def test_deepspeed_on_cpu_saves_and_resumes_sharded_checkpoints(world, tmp_path,
     ckpt = Path(r["checkpoint"])
     shards = list((ckpt / "deepspeed").rglob("*optim_states.pt"))
     assert len(shards) == 2, "one optimizer shard per rank, merged into one checkpoint directory"
-    steps = [h["step"] for h in history(r)]
-    assert steps.count(3) == 1 and 3 in steps  # resumed after the failure at step 2 and finished
+    steps = [h["step"] for h in history(r, steps_only=True)]
+    assert steps == [1, 2, 3]  # rank 1 killed after step 2 (its checkpoint): resumed there and finished
     vocab = JointVocab.from_dict(json.loads((ckpt / "vocab.json").read_text()))
     assert (vocab.codebook_size, vocab.tokens_per_image) == (32, 16)
     model = AutoModelForCausalLM.from_pretrained(str(ckpt / "llm"))  # consolidated full weights
@@ -195,20 +174,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_stage1_through_ray_job_submit_on_a_private_cluster(world, tmp_path):
-    """`ray start --head` (token authentication on), then the real `ray job submit --working-dir .` CLI."""
-    import os
+@pytest.fixture(scope="module")
+def private_head():
+    """`ray start --head` of its own (token authentication on, every port its own: the suite's cluster holds
+    Ray's defaults here): ``(run, address, env)``, ``run(*args)`` calling the `ray` CLI against it."""
     import signal
     import subprocess
     import sys
     import time
 
-    repo = Path(__file__).resolve().parent.parent
     bin_dir = Path(sys.executable).parent
     ray_cli = str(bin_dir / "ray")
     gcs, dash = _free_port(), _free_port()
-    # Every port of its own: the shared test cluster already holds Ray's defaults on this machine.
     own_ports = sum(([flag, str(_free_port())] for flag in (
         "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
         "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port")), [])
@@ -221,41 +198,88 @@ def test_stage1_through_ray_job_submit_on_a_private_cluster(world, tmp_path):
          "--disable-usage-stats", *own_ports],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
+
+    def run(*args, timeout=900):
+        return subprocess.run([ray_cli, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
     try:
         address = f"http://127.0.0.1:{dash}"
         for _ in range(120):
-            ok = subprocess.run([ray_cli, "job", "list", "--address", address], env=env, capture_output=True, text=True)
+            ok = run("job", "list", "--address", address)
             if ok.returncode == 0:
                 break
             time.sleep(1)
         else:
             pytest.fail(f"the private Ray head did not come up: {ok.stderr[-2000:]}")
-        token = subprocess.run([ray_cli, "get-auth-token"], env=env, capture_output=True, text=True)
+        token = run("get-auth-token")
         if token.returncode == 0 and token.stdout.strip():
             env["RAY_AUTH_TOKEN"] = token.stdout.strip().splitlines()[-1]
-        storage = tmp_path / "runs"
-        args = ["--config", "tiny", *sum((["--set", s] for s in BASE + stage_overrides("stage1", max_steps=2, eval_every=2)), []),
-                "--set", "compute.num_workers=1", "--set", "compute.cpus_per_worker=1",
-                "--data", str(world / "data"), "--tokenizer-checkpoint", str(world / "vqgan"),
-                "--init-checkpoint", str(world / "lm"), "--storage", str(storage), "--name", "submitted",
-                "--iu-reports", str(world / "no-iu")]
-        for _ in range(30):  # the head answers `job list` before its job agent is ready to take submissions
-            job = subprocess.run(
-                [ray_cli, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
-                 sys.executable, "jobs/stage1.py", *args],
-                env=env, capture_output=True, text=True, timeout=900,
-            )
-            if "No available agent" not in job.stdout + job.stderr:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
-        line = next(x for x in reversed(job.stdout.splitlines()) if x.startswith('{"job": "stage1"'))
-        result = json.loads(line)
-        assert result["output"] == str((storage / "submitted").resolve())
-        assert Path(result["checkpoint"], "llm", "config.json").exists()
+        yield run, address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+def submit(private_head, world, storage, name, extra=(), *flags):
+    """`ray job submit --working-dir <checkout> [flags] -- python jobs/stage1.py ...` on the private head."""
+    import sys
+    import time
+
+    run, address, _ = private_head
+    repo = Path(__file__).resolve().parent.parent
+    args = ["--config", "tiny", *sum((["--set", s] for s in BASE + list(extra)), []),
+            "--set", "compute.num_workers=1", "--set", "compute.cpus_per_worker=1",
+            "--data", str(world / "data"), "--tokenizer-checkpoint", str(world / "vqgan"),
+            "--init-checkpoint", str(world / "lm"), "--storage", str(storage), "--name", name,
+            "--iu-reports", str(world / "no-iu")]
+    for _ in range(30):  # the head answers `job list` before its job agent is ready to take submissions
+        job = run("job", "submit", "--address", address, "--working-dir", str(repo), *flags, "--",
+                  sys.executable, "jobs/stage1.py", *args)
+        if "No available agent" not in job.stdout + job.stderr:
+            return job
+        time.sleep(2)
+    return job
+
+
+@pytest.mark.slow
+def test_stage1_through_ray_job_submit_on_a_private_cluster(world, tmp_path, private_head):
+    """The real `ray job submit --working-dir .` CLI on a `ray start --head` cluster."""
+    storage = tmp_path / "runs"
+    job = submit(private_head, world, storage, "submitted", stage_overrides("stage1", max_steps=2, eval_every=2))
+    assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
+    line = next(x for x in reversed(job.stdout.splitlines()) if x.startswith('{"job": "stage1"'))
+    result = json.loads(line)
+    assert result["output"] == str((storage / "submitted").resolve())
+    assert Path(result["checkpoint"], "llm", "config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_job_stopped_with_ray_job_stop_resumes_when_submitted_again_with_its_name(world, tmp_path, private_head):
+    import time
+
+    run, address, _ = private_head
+    storage, over = tmp_path / "runs", stage_overrides("stage1", max_steps=40, eval_every=4)
+    history_file = storage / "stopped" / "history.jsonl"
+    first = submit(private_head, world, storage, "stopped", over, "--no-wait", "--submission-id", "mavilt-stop-1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    deadline = time.monotonic() + 300
+    while not (history_file.is_file() and '"step": 6' in history_file.read_text()):
+        assert time.monotonic() < deadline, run("job", "logs", "--address", address, "mavilt-stop-1").stdout[-3000:]
+        time.sleep(0.1)
+    time.sleep(3)  # Train's controller has collected the step-4 checkpoint (it polls every 2 s)
+    stop = run("job", "stop", "--address", address, "mavilt-stop-1")
+    assert stop.returncode == 0 and "STOPPED" in run("job", "status", "--address", address, "mavilt-stop-1").stdout
+    stopped_at = max(r["step"] for r in map(json.loads, history_file.read_text().splitlines()) if "step" in r)
+    assert stopped_at < 40
+
+    again = submit(private_head, world, storage, "stopped", over)
+    assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
+    records = [json.loads(x) for x in history_file.read_text().splitlines()]
+    first_attempt, second = [r for r in records if r.get("event") == "attempt"]
+    resumed = second["resumed_from_step"]
+    assert second["attempt"] == 2 and resumed >= 4 and resumed % 4 == 0 and resumed <= stopped_at
+    assert [r["step"] for r in records if r.get("attempt") == 2 and "step" in r] == list(range(resumed + 1, 41))
+    assert f"starts at step {resumed + 1} from the checkpoint of step {resumed}" in again.stdout + again.stderr

@@ -232,12 +232,26 @@ def test_results_land_where_the_output_says(place):
     assert json.loads(out.metrics.read_text()) == {"val_loss": 0.5, "nan": None}
 
 
-def test_a_resumed_run_rewinds_its_history_to_the_step_it_resumes_from(place):
-    from mavilt.train.checkpoint import rewind_history
+def test_a_resumed_attempt_marks_the_lost_steps_and_logs_what_it_resumed(place, capfd):
+    from mavilt.train.faults import DRILL_MARKER, begin_attempt
 
     log = place / "history.jsonl"
-    log.write_text("".join(json.dumps({"step": s, "train_loss": 1 / s}) + "\n" for s in range(1, 8)) + '{"step": 8, "tr')
-    rewind_history(log, 7, is_main=False)  # only rank 0 writes the history
-    assert len(log.read_text().splitlines()) == 8
-    rewind_history(log, 4, is_main=True)  # the dead attempt's steps 5-7 and its half-written line go
-    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]
+    first = begin_attempt(place.uri, log, 0, ["node-a", "node-a"])
+    assert first.pop("time") > 0
+    assert first == {"event": "attempt", "attempt": 1, "resumed_from_step": 0, "lost_steps": [], "nodes": ["node-a"] * 2}
+    log.append_text("".join(json.dumps({"step": s, "train_loss": 1 / s, "attempt": 1}) + "\n" for s in range(1, 8))
+                    + '{"step": 8, "tr')  # the attempt died mid-line
+    (place / DRILL_MARKER).write_text(json.dumps({"step": 8, "rank": 1}))  # the drilled rank got to step 8
+    second = begin_attempt(place.uri, log, 4, ["node-b", "node-c"])
+    assert second["attempt"] == 2 and second["resumed_from_step"] == 4 and second["lost_steps"] == [5, 8]
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == list(range(1, 8))  # the half-written line is gone
+    assert [r["step"] for r in steps if r.get("lost")] == [5, 6, 7]
+    assert [r["attempt"] for r in records if r.get("event")] == [1, 2]
+    assert "attempt 2 on node(s) node-b, node-c: starts at step 5 from the checkpoint of step 4; steps 5..8 of " \
+           "attempt 1 were lost" in capfd.readouterr().err
+    # A third attempt from the same checkpoint does not count the already-lost records again.
+    assert begin_attempt(place.uri, log, 7, ["node-b"])["lost_steps"] == []
+
+

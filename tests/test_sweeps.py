@@ -213,7 +213,7 @@ def test_tokenizer_trial_logs_to_offline_wandb(micro_run, ray_session, tmp_path)
     # The judge is not phi: another seed, its own folder.
     judge = json.loads((tmp_path / "tok" / "judge" / "result.json").read_text())
     assert judge["checkpoint"] != json.loads((run_dir / "encoder" / "result.json").read_text())["checkpoint"]
-    judge_steps = [json.loads(line)["step"] for line in (tmp_path / "tok" / "judge" / "history.jsonl").open()]
+    judge_steps = [r["step"] for r in map(json.loads, (tmp_path / "tok" / "judge" / "history.jsonl").open()) if "step" in r]
     assert max(judge_steps) == 3  # tune.judge_steps, not encoder.max_steps (6)
     files = list((tmp_path / "tok" / "search" / "wandb").rglob("*.wandb"))
     assert files, "no offline wandb run under the sweep's folder"

@@ -42,7 +42,9 @@ def data(tmp_path_factory):
 
 
 def history(out) -> list[dict]:
-    return [json.loads(x) for x in (Path(out) / "history.jsonl").read_text().splitlines()]
+    """The step records (not the attempts' records) of a run's history."""
+    records = [json.loads(x) for x in (Path(out) / "history.jsonl").read_text().splitlines()]
+    return [r for r in records if "step" in r]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ nothing, and on other nodes, where the driver's local copies are not): a worker 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mavilt.config import Config
 from mavilt.runs import StepOutput
@@ -19,6 +19,9 @@ class LoopInputs:
     cfg: Config
     output: str  # the step's output folder (a local path or a URI): history.jsonl and the step's own artefacts
     wandb: bool = True  # rank 0 logs to wandb when tracking.wandb is on (a sweep's trials log through the Tuner)
+    # A fault drill (MAVILT_FAIL_AT_STEP, set by fit; see mavilt.train.faults). Keyword-only: the subclasses'
+    # fields keep their positions.
+    fail_at_step: int | None = field(default=None, kw_only=True)
 
     @property
     def step_output(self) -> StepOutput:
@@ -46,5 +49,3 @@ class LLMInputs(LoopInputs):
     report_f1_studies: int = 0  # sweeps: clinical F1 of reports generated for this many validation studies, last report
     val_studies: int = 0  # sweeps: validation losses over this many fixed studies (0: all)
     image_gain: bool = True  # validation also scores each image task with another study's image (a diagnostic)
-    # Tests of fault tolerance: raise once after this step, in the first attempt only.
-    inject_failure_at_step: int | None = None

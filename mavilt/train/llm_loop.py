@@ -25,10 +25,11 @@ from mavilt.llm.data import HELDOUT, SHUFFLED, LLMData
 from mavilt.llm.regularization import Regularizer
 from mavilt.llm.sequences import TextCodec, collate
 from mavilt.llm.stages import get_stage
-from mavilt.train.checkpoint import (latest_checkpoint_dir, load_train_state, report, report_finished, save_train_files,
-                                    start_tracking)
+from mavilt.train.checkpoint import (latest_checkpoint_dir, load_train_state, log_progress, report, report_finished,
+                                    save_train_files, start_tracking)
 from mavilt.sweeps.objectives import stage_objective, validation_report_f1
 from mavilt.train.engine import make_engine
+from mavilt.train.faults import kill_if_drilled
 from mavilt.train.inputs import LLMInputs
 from mavilt.storage import local_dir, local_path
 from mavilt.train.worker import Worker, all_reduce, autocast, setup_worker
@@ -76,7 +77,7 @@ def llm_loop(inputs: LLMInputs) -> None:
     if start >= tc.max_steps:
         report_finished(inputs, start)
         return
-    tracker = start_tracking(inputs, w.is_main, start, stage.name)
+    tracker = start_tracking(inputs, w, start, stage.name)
 
     def write(step: int):
         def _write(d: Path) -> None:
@@ -122,10 +123,11 @@ def llm_loop(inputs: LLMInputs) -> None:
                     metrics["stage_objective"] = stage_objective(metrics, cfg.tune)
                 engine.module().train()
             step_progress(stage.name, step, tc.max_steps, metrics, w.rank)
-            report(metrics, write(step) if validate else None, all_ranks_write=engine.writes_on_all_ranks,
-                   tracker=tracker)
-        if inputs.inject_failure_at_step == step and start < step:
-            raise RuntimeError(f"injected failure after step {step} (test of resume)")
+            if validate:
+                report(metrics, write(step), all_ranks_write=engine.writes_on_all_ranks, tracker=tracker)
+            else:
+                log_progress(metrics, tracker)
+        kill_if_drilled(inputs, w, step)
     tracker.close()
 
 

@@ -184,10 +184,8 @@ def run_pretrain_text(cfg: Config, data: str | Path, storage: str | Path, name: 
 def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoint: str | Path,
               init_checkpoint: str | Path, storage: str | Path, name: str | None = None,
               encoder_checkpoint: str | Path | None = None, iu_dir: str | Path | None = None,
-              inject_failure_at_step: int | None = None, hooks: StepHooks = StepHooks()) -> dict[str, Any]:
-    """Stage 1 (from a pretrained LM) or stage 2 (from a stage-1 checkpoint); stage 2 writes a model bundle.
-
-    ``inject_failure_at_step`` makes the loop fail once after that step (tests of resume)."""
+              hooks: StepHooks = StepHooks()) -> dict[str, Any]:
+    """Stage 1 (from a pretrained LM) or stage 2 (from a stage-1 checkpoint); stage 2 writes a model bundle."""
     from mavilt.llm.checkpoint import read_vocab
     from mavilt.tokenizer.model import VQGAN
     from mavilt.train.codes import CodeCache
@@ -228,7 +226,7 @@ def run_stage(stage_name: str, cfg: Config, data: str | Path, tokenizer_checkpoi
     inputs = LLMInputs(cfg, str(out.root), hooks.wandb, stage=stage.name, tokenizer_dir=str(tok_dir),
                        theta0_dir=str(theta0.root), init_checkpoint=str(init.root) if init else None,
                        report_f1_studies=hooks.report_f1_studies, val_studies=hooks.val_studies,
-                       image_gain=hooks.image_gain, inject_failure_at_step=inject_failure_at_step)
+                       image_gain=hooks.image_gain)
     outcome = fit(llm_loop, inputs, storage=out.root.parent, name=name, score=("val_loss", "min"),
                   datasets=hooks.datasets or llm_stage_datasets(cfg, data, cache, iu_dir), split=(),
                   callbacks=list(hooks.callbacks))

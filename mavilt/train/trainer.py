@@ -7,12 +7,14 @@ restores the run's state from storage; the loop reads it back with ``ray.train.g
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from mavilt.config import ComputeConfig
 from mavilt.storage import Location, ray_train_storage
+from mavilt.train.faults import fail_at_step_from_env
 from mavilt.train.inputs import LoopInputs
 
 
@@ -31,7 +33,8 @@ def scaling_config(compute: ComputeConfig):
     resources: dict[str, float] = {"CPU": compute.cpus_per_worker}
     if compute.use_gpu:
         resources["GPU"] = compute.gpus_per_worker
-    return ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu, resources_per_worker=resources,
+                         placement_strategy=compute.placement_strategy)
 
 
 def _per_worker(loop: Callable[[Any], None], inputs: LoopInputs) -> Callable[[], None]:
@@ -73,6 +76,7 @@ def fit(
     from mavilt.raycluster import ensure_ray
 
     compute = inputs.cfg.compute
+    inputs = dataclasses.replace(inputs, fail_at_step=fail_at_step_from_env())
     ensure_ray()
     for ds in (datasets or {}).values():
         quiet_dataset(ds)
@@ -86,6 +90,8 @@ def fit(
             checkpoint_score_attribute=metric,
             checkpoint_score_order=mode,
         ),
+        # A worker that dies counts against max_failures; a node drained for preemption (a spot reclaim with
+        # notice) against Ray's separate preemption budget, unlimited by default.
         failure_config=FailureConfig(max_failures=compute.max_failures),
         callbacks=callbacks,
         logging_config=LoggingConfig(log_level="WARNING"),  # no line per report: the loops print their own

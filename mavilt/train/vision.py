@@ -20,8 +20,9 @@ import torch
 from mavilt.checkpoints import EncoderCheckpoint, VQGANCheckpoint
 from mavilt.console import step_progress
 from mavilt.data.raydata import iterate_all, iterate_steps
-from mavilt.train.checkpoint import (latest_checkpoint_dir, load_train_state, report, report_finished, save_train_files,
-                                    start_tracking)
+from mavilt.train.faults import kill_if_drilled
+from mavilt.train.checkpoint import (latest_checkpoint_dir, load_train_state, log_progress, report, report_finished,
+                                    save_train_files, start_tracking)
 from mavilt.train.inputs import EncoderInputs, LoopInputs, VQGANInputs
 from mavilt.train.worker import Worker, autocast, setup_worker, unwrap
 
@@ -56,7 +57,7 @@ def run_vision_steps(inputs: LoopInputs, w: Worker, spec: VisionSteps, start: in
     if start >= b.max_steps:
         report_finished(inputs, start)
         return
-    tracker = start_tracking(inputs, w.is_main, start, spec.job)
+    tracker = start_tracking(inputs, w, start, spec.job)
 
     def write(step: int) -> Callable[[Path], None]:
         def _write(d: Path) -> None:
@@ -81,7 +82,8 @@ def run_vision_steps(inputs: LoopInputs, w: Worker, spec: VisionSteps, start: in
             running = {}
         elif step % b.log_every == 0:
             step_progress(spec.job, step, b.max_steps, metrics, w.rank)
-            report(metrics, tracker=tracker)
+            log_progress(metrics, tracker)
+        kill_if_drilled(inputs, w, step)
     tracker.close()
 
 
