@@ -271,12 +271,18 @@ def test_a_job_stopped_with_ray_job_stop_resumes_when_submitted_again_with_its_n
         time.sleep(0.1)
     time.sleep(3)  # Train's controller has collected the step-4 checkpoint (it polls every 2 s)
     stop = run("job", "stop", "--address", address, "mavilt-stop-1")
-    assert stop.returncode == 0 and "STOPPED" in run("job", "status", "--address", address, "mavilt-stop-1").stdout
+    status = run("job", "status", "--address", address, "mavilt-stop-1")
+    assert stop.returncode == 0 and "stopped" in (status.stdout + status.stderr).lower()
     stopped_at = max(r["step"] for r in map(json.loads, history_file.read_text().splitlines()) if "step" in r)
     assert stopped_at < 40
 
     again = submit(private_head, world, storage, "stopped", over)
     assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
+    artifacts = Path(os.environ.get("MAVILT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / ".cache" / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "job_stop_drill.log").write_text(  # the step logs before the stop and after the resubmission
+        run("job", "logs", "--address", address, "mavilt-stop-1").stdout + "\n=== submitted again ===\n"
+        + again.stdout + again.stderr)
     records = [json.loads(x) for x in history_file.read_text().splitlines()]
     first_attempt, second = [r for r in records if r.get("event") == "attempt"]
     resumed = second["resumed_from_step"]
