@@ -80,6 +80,15 @@ def test_mimic_cxr_dicom_end_to_end(tmp_path, cfg, caplog):
     assert manifest["counts"] == {"train": 4, "validate": 1, "test": 1}
     assert manifest["studies"] == {"train": 2, "validate": 1, "test": 1}
     assert json.loads((out / "manifest.json").read_text())["skipped"] == exp["skipped"]
+    # Every skipped input listed with its reason, files by their path under the root.
+    listed = manifest["skipped_inputs"]
+    assert len(listed) == manifest["skipped_total"] == sum(exp["skipped"].values())
+    by_reason = {e["reason"]: e["input"] for e in listed}
+    for name, reason in (("empty", "empty file"), ("not_dicom", "not a DICOM file"), ("ct", "non-X-ray modality"),
+                         ("not_in_split", "study missing from the split file")):
+        where = by_reason[reason]
+        assert where.startswith("files/") and where.endswith(f"{exp['images'][name]['dicom_id']}.dcm"), (reason, where)
+    assert str(root) not in json.dumps(listed)
 
     rows = all_rows(out)
     img = {k: v["dicom_id"] for k, v in exp["images"].items()}
@@ -283,7 +292,7 @@ def test_all_real_openi_reports_parse(tmp_path):
         write_png(root / "NLMCXR_png" / f"{iid}.png", np.zeros((8, 8), np.uint8))
     scan = iu_xray.scan(PrepareParams("iu-xray", str(root), S, 8, 0, [0.8, 0.1, 0.1]))
     assert [r["image_id"] for r in scan.records] == first["image_ids"]
-    assert scan.skipped == {"no images in report": 104, "image file missing": 7470 - len(first["image_ids"])}
+    assert scan.skipped.counts() == {"no images in report": 104, "image file missing": 7470 - len(first["image_ids"])}
 
 
 # --- CSV ---------------------------------------------------------------------------------------------------------
@@ -338,3 +347,7 @@ def test_csv_bad_values_are_skipped(tmp_path, cfg):
     m = prepare_dataset("csv", tmp_path / "out", cfg, root=root, use_ray=False)
     assert m["counts"] == {"train": 0, "validate": 1, "test": 0}
     assert m["skipped"] == {"invalid split value": 1, "invalid label value": 1, "missing study_id": 1}
+    # Each skipped row by its line in the CSV, so the user can fix it there.
+    assert m["skipped_inputs"] == [{"input": "data.csv line 3", "reason": "invalid split value"},
+                                   {"input": "data.csv line 4 (a.png)", "reason": "invalid label value"},
+                                   {"input": "data.csv line 5", "reason": "missing study_id"}]

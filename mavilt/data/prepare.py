@@ -66,10 +66,34 @@ class PrepareParams:
     num_samples: int | None = None
 
 
+class Skipped:
+    """Inputs left out, each with where it is and why: the counts for the summary, the list (``manifest.json``'s
+    ``skipped_inputs``) so a user can find and fix each one. ``where`` is a path relative to the source's root,
+    or a line of an index file: the user's own names, never a value read from inside a file (a DICOM header)."""
+
+    def __init__(self, entries: list[dict[str, str]] | None = None):
+        self.entries: list[dict[str, str]] = list(entries or [])
+
+    def add(self, reason: str, where: str) -> None:
+        self.entries.append({"input": where, "reason": reason})
+
+    def extend(self, other: "Skipped | list[dict[str, str]]") -> None:
+        self.entries.extend(other.entries if isinstance(other, Skipped) else other)
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(e["reason"] for e in self.entries).items()))
+
+    def __getitem__(self, reason: str) -> int:
+        return sum(1 for e in self.entries if e["reason"] == reason)
+
+    def listing(self) -> list[dict[str, str]]:
+        return sorted(self.entries, key=lambda e: (e["input"], e["reason"]))
+
+
 @dataclass
 class ScanResult:
     records: list[dict[str, Any]]
-    skipped: Counter = field(default_factory=Counter)
+    skipped: Skipped = field(default_factory=Skipped)
 
 
 def source_module(name: str):
@@ -78,19 +102,33 @@ def source_module(name: str):
     return importlib.import_module(SOURCES[name])
 
 
-def convert_records(records: list[dict[str, Any]], params: PrepareParams) -> tuple[list[dict[str, Any]], Counter]:
-    """Convert records one by one (no Ray): the rows that worked and a count of skip reasons."""
+def convert_records(records: list[dict[str, Any]], params: PrepareParams) -> tuple[list[dict[str, Any]], Skipped]:
+    """Convert records one by one (no Ray): the rows that worked and the inputs skipped, with their reasons."""
     convert: Callable[[dict[str, Any], PrepareParams], dict[str, Any]] = source_module(params.source).convert
-    rows, skipped = [], Counter()
+    rows, skipped = [], Skipped()
     for rec in records:
         try:
             rows.append(convert(rec, params))
         except SkipRecord as e:
-            skipped[e.reason] += 1
+            skipped.add(e.reason, _where(rec, params))
         except Exception as e:  # noqa: BLE001 - one bad record never stops the batch
             # Only the exception type reaches the manifest: messages may quote header values.
-            skipped[f"unexpected error ({type(e).__name__})"] += 1
+            skipped.add(f"unexpected error ({type(e).__name__})", _where(rec, params))
     return rows, skipped
+
+
+def _where(record: dict[str, Any], params: PrepareParams) -> str:
+    """A record's image file relative to the source's root (its id when it has no file)."""
+    image = record.get("image")
+    if not image:
+        return str(record.get("image_id", "?"))
+    if params.root and Path(str(image)).is_absolute():
+        try:
+            return Path(str(image)).relative_to(Path(params.root).resolve().parent
+                                                if Path(params.root).is_file() else Path(params.root).resolve()).as_posix()
+        except ValueError:
+            return str(image)
+    return Path(str(image)).as_posix()
 
 
 def _write_split_files(rows: list[dict[str, Any]], out_dir: Location, part: str) -> dict[str, int]:
@@ -120,7 +158,7 @@ class _ConvertAndWrite:
         return {
             "part": [part],
             "counts": [json_dumps(counts)],
-            "skipped": [json_dumps(dict(skipped))],
+            "skipped": [json_dumps(skipped.entries)],
         }
 
 
@@ -160,7 +198,7 @@ def prepare_dataset(
     records = scan.records
     for i, r in enumerate(records):
         r["_index"] = i
-    log.info("%s: %d images to convert, %d inputs skipped while scanning", source, len(records), sum(scan.skipped.values()))
+    log.info("%s: %d images to convert, %d inputs skipped while scanning", source, len(records), len(scan.skipped.entries))
 
     # Unpublish first (from here on readers refuse the folder), then clear what the old images made: the old
     # splits and the image codes cached from them.
@@ -169,7 +207,7 @@ def prepare_dataset(
     for stale in ("codes", *SPLITS):
         (out / stale).remove()
     counts: Counter = Counter()
-    skipped: Counter = Counter(scan.skipped)
+    skipped = Skipped(scan.skipped.entries)
     if records:
         if use_ray:
             stats = _convert_with_ray(records, params, out, cfg)
@@ -181,7 +219,7 @@ def prepare_dataset(
             stats = [{k: v[0] for k, v in s.items()} for s in stats]
         for s in stats:
             counts.update(json.loads(s["counts"]))
-            skipped.update(json.loads(s["skipped"]))
+            skipped.extend(json.loads(s["skipped"]))
     for split in SPLITS:
         (out / split).mkdir()
 
@@ -191,8 +229,9 @@ def prepare_dataset(
         "counts": {s: int(counts.get(s, 0)) for s in SPLITS},
         "studies": _study_counts(out),
         "total_images": int(sum(counts.values())),
-        "skipped": dict(sorted(skipped.items())),
-        "skipped_total": int(sum(skipped.values())),
+        "skipped": skipped.counts(),
+        "skipped_total": len(skipped.entries),
+        "skipped_inputs": skipped.listing(),  # each one: where it is (relative to --root) and why
         "preprocessing": {
             "image_size": params.image_size,
             "bit_depth": params.bit_depth,
@@ -279,6 +318,10 @@ def run_prepare(
     out = Location.of(out)
     manifest = prepare_dataset(source, out, cfg, root=root, num_samples=num_samples)
     cfg.save(out / "config.yaml")
+    if manifest["skipped_total"]:
+        log.warning("%d input(s) skipped (%s): each is listed with its reason under skipped_inputs in %s",
+                    manifest["skipped_total"], ", ".join(f"{n} {r}" for r, n in manifest["skipped"].items()),
+                    out / MANIFEST)
     metrics = {
         "total_images": manifest["total_images"],
         "counts": manifest["counts"],

@@ -13,14 +13,13 @@ Columns (header names exact; extra columns are ignored):
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from mavilt.data.dicom import UNKNOWN_VIEW, normalize_view, read_image_any
 from mavilt.data.images import SkipRecord, encode_png
 from mavilt.data.labels import OBSERVATIONS, labels_from_row
-from mavilt.data.prepare import PrepareParams, ScanResult
+from mavilt.data.prepare import PrepareParams, ScanResult, Skipped
 from mavilt.data.reports import normalize_whitespace
 from mavilt.data.shards import SPLITS
 from mavilt.errors import InputError
@@ -71,26 +70,27 @@ def scan(params: PrepareParams) -> ScanResult:
         )
     label_cols = [o for o in OBSERVATIONS if o in df.columns]
     base = path.parent.resolve()
-    skipped: Counter = Counter()
+    skipped = Skipped()
     records: list[dict[str, Any]] = []
-    for row in df.to_dict(orient="records"):
+    for line, row in enumerate(df.to_dict(orient="records"), start=2):  # line 1 is the header
+        where = f"{path.name} line {line}"
         split = str(row["split"]).strip().lower()
         split = SPLIT_ALIASES.get(split, split)
         if split not in SPLITS:
-            skipped[REASON_BAD_SPLIT] += 1
+            skipped.add(REASON_BAD_SPLIT, where)
             continue
         study = str(row["study_id"]).strip()
         if not study:
-            skipped[REASON_NO_STUDY] += 1
+            skipped.add(REASON_NO_STUDY, where)
             continue
         rel = str(row["image_path"]).strip()
         if not rel:
-            skipped[REASON_IMAGE_MISSING] += 1
+            skipped.add(REASON_IMAGE_MISSING, where)
             continue
         try:
             labels = labels_from_row({c: row[c] for c in label_cols})
         except ValueError:
-            skipped[REASON_BAD_LABEL] += 1
+            skipped.add(REASON_BAD_LABEL, f"{where} ({rel})")
             continue
         image = Path(rel) if Path(rel).is_absolute() else base / rel
         view = normalize_view(row.get("view"))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import xml.etree.ElementTree as ET
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 from mavilt.data.dicom import UNKNOWN_VIEW
 from mavilt.data.images import SkipRecord, encode_png, load_image_file
 from mavilt.data.labels import empty_labels
-from mavilt.data.prepare import PrepareParams, ScanResult
+from mavilt.data.prepare import PrepareParams, ScanResult, Skipped
 from mavilt.data.reports import normalize_whitespace
 from mavilt.data.shards import SPLITS
 from mavilt.errors import InputError
@@ -136,6 +135,13 @@ def assign_split(uid: str, seed: int, fractions: list[float]) -> str:
     return SPLITS[[i for i, f in enumerate(fractions) if f > 0][-1]]
 
 
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def scan(params: PrepareParams) -> ScanResult:
     if not params.root:
         raise InputError(
@@ -147,21 +153,22 @@ def scan(params: PrepareParams) -> ScanResult:
     if not image_dir.is_dir():
         raise InputError(f"{root} has no {IMAGES_DIR}/ folder; unpack NLMCXR_png.tgz there")
     on_disk = {p.stem for p in image_dir.glob("*.png")}
-    skipped: Counter = Counter()
+    skipped = Skipped()
     records: list[dict[str, Any]] = []
     for path in _report_files(xml_dir):
+        where = _relative(path, root)
         try:
             rep = parse_openi_xml(path)
         except ValueError:
-            skipped[REASON_REPORT_UNREADABLE] += 1
+            skipped.add(REASON_REPORT_UNREADABLE, where)
             continue
         if not rep["image_ids"]:
-            skipped[REASON_NO_IMAGES] += 1
+            skipped.add(REASON_NO_IMAGES, where)
             continue
         split = assign_split(rep["uid"], params.seed, params.split_fractions)
         for iid in rep["image_ids"]:
             if iid not in on_disk:
-                skipped[REASON_IMAGE_MISSING] += 1
+                skipped.add(REASON_IMAGE_MISSING, f"{IMAGES_DIR}/{iid}.png (named by {where})")
                 continue
             records.append(
                 {

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from mavilt.data.dicom import UNKNOWN_VIEW, normalize_view, read_dicom
 from mavilt.data.images import SkipRecord, encode_png, load_image_file
 from mavilt.data.labels import OBSERVATIONS, empty_labels, labels_from_row
-from mavilt.data.prepare import PrepareParams, ScanResult
+from mavilt.data.prepare import PrepareParams, ScanResult, Skipped
 from mavilt.data.reports import split_sections
 from mavilt.data.shards import SPLITS
 from mavilt.errors import InputError
@@ -110,7 +109,7 @@ def scan(params: PrepareParams) -> ScanResult:
             f"{root} has no {SPLIT_FILE} (or .csv.gz); it ships with MIMIC-CXR-JPG: copy it next to files/"
         )
     suffix = image_suffix(params.source)
-    skipped: Counter = Counter()
+    skipped = Skipped()
 
     split_df = _read_csv(split_path, ("dicom_id", "study_id", "subject_id", "split"))
     views: dict[str, str] = {}
@@ -135,7 +134,8 @@ def scan(params: PrepareParams) -> ScanResult:
 
     on_disk = _walk_images(root, suffix)
     in_split = set(split_df["dicom_id"])
-    skipped[REASON_NOT_IN_SPLIT] += sum(1 for d in on_disk if d not in in_split)
+    for d in sorted(d for d in on_disk if d not in in_split):
+        skipped.add(REASON_NOT_IN_SPLIT, on_disk[d])
 
     records: list[dict[str, Any]] = []
     reports: dict[tuple[str, str], str | None] = {}
@@ -143,22 +143,23 @@ def scan(params: PrepareParams) -> ScanResult:
         index=False, name=None
     ):
         split = split.strip().lower()
+        listed = f"{split_path.name}: dicom_id {dicom_id}"
         if split not in SPLITS:
-            skipped[REASON_BAD_SPLIT] += 1
+            skipped.add(REASON_BAD_SPLIT, listed)
             continue
         image = on_disk.get(dicom_id)
         if image is None:
-            skipped[REASON_IMAGE_MISSING] += 1
+            skipped.add(REASON_IMAGE_MISSING, listed)
             continue
         key = (subject_id, study_id)
         if key not in reports:
             reports[key] = _find_report(root, subject_id, study_id)
         if reports[key] is None:
-            skipped[REASON_REPORT_MISSING] += 1
+            skipped.add(REASON_REPORT_MISSING, f"{image} (no s{study_id}.txt)")
             continue
         labels = labels_by_study.get(study_id, empty_labels())
         if labels is None:
-            skipped[REASON_BAD_LABEL] += 1
+            skipped.add(REASON_BAD_LABEL, f"{image} (study {study_id} in {chex_path.name})")
             continue
         view = normalize_view(views.get(dicom_id))
         records.append(
