@@ -11,7 +11,10 @@ Examples::
 
 Images: PNG, JPEG (8- or 16-bit) or DICOM, resized with the aspect kept to the bundle's size. Nothing from a
 DICOM header is printed. Generation goes through the ``Bundle`` methods, the same code the server runs.
-Results go to stdout; errors a user can fix print one line to stderr and exit with status 2.
+Results go to stdout; errors a user can fix print one line to stderr and exit with status 2. ``report`` is a
+batch tool: an input it cannot read is skipped with its reason (a line on stderr; with --json also a
+``{"path", "skipped"}`` line on stdout), the others are answered, and the exit status is 3. Inputs are checked
+before the bundle loads, so a wrong file fails in well under a second.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mavilt.errors import MavilError
 log = logging.getLogger("mavilt.main")
 
 EXIT_USER_ERROR = 2
+EXIT_SOME_SKIPPED = 3  # report: some inputs were skipped (each named on stderr), the others answered
 # The bundle's manifest file (mavilt.bundle.MANIFEST), named here so bad paths fail before torch is imported.
 MANIFEST_NAME = "mavilt.json"
 
@@ -105,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("bundle", metavar="BUNDLE", help="the model bundle (runs/<name>/stage2/bundle)")
     e.add_argument("dest", metavar="DEST", help="where the copy goes (replaced if it holds a bundle)")
     e.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr, and show tracebacks")
+    parser.set_defaults(subcommand_parsers={"report": r, "synthesize": s, "vqa": q, "export": e})
     return parser
 
 
@@ -112,15 +117,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_inputs(paths: Sequence[str]) -> list[Path]:
-    out = []
+    """Every input must be readable (vqa's one image): the first problem is the error."""
+    good, skipped = _screen_inputs(paths)
+    if skipped:
+        raise CLIError(skipped[0][1])
+    return good
+
+
+def _screen_inputs(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The inputs that are PNG, JPEG or DICOM files by their first bytes, and ``(input, reason)`` for the rest;
+    cheap (132 bytes a file), so it runs before the bundle loads."""
+    from mavilt.data.images import image_format
+
+    good, skipped = [], []
     for s in paths:
         p = Path(s)
         if not p.exists():
-            raise CLIError(f"image file not found: {s}")
-        if not p.is_file():
-            raise CLIError(f"not a file: {s} (pass PNG, JPEG or DICOM files)")
-        out.append(p)
-    return out
+            skipped.append((s, f"image file not found: {s}"))
+        elif not p.is_file():
+            skipped.append((s, f"not a file: {s} (pass PNG, JPEG or DICOM files)"))
+        else:
+            try:
+                with open(p, "rb") as f:
+                    head = f.read(132)
+            except OSError as e:
+                skipped.append((s, f"cannot read {s}: {e.strerror or type(e).__name__}"))
+                continue
+            if image_format(head) is None:
+                skipped.append((s, f"{s} is not a PNG, JPEG or DICOM image ({_starts_with(head)})"))
+            else:
+                good.append(p)
+    return good, skipped
+
+
+def _starts_with(head: bytes) -> str:
+    if not head:
+        return "it is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c.isspace() for c in text):
+        return "it starts with text"
+    return f"it starts with bytes {head[:4].hex(' ')}"
 
 
 def _device(spec: str):
@@ -169,18 +208,34 @@ def _load(args: argparse.Namespace):
 
 
 def _read(paths: Sequence[Path], size: int) -> list:
+    images, skipped = _read_each(paths, size)
+    if skipped:
+        raise CLIError(skipped[0][1])
+    return [px for _, px in images]
+
+
+def _read_each(paths: Sequence[Path], size: int) -> tuple[list[tuple[Path, Any]], list[tuple[str, str]]]:
+    """``(path, pixels)`` for each image that decodes, ``(input, reason)`` for the others."""
     from mavilt.data.dicom import read_image_any
     from mavilt.data.images import SkipRecord
 
-    images = []
+    images, skipped = [], []
     for p in paths:
         try:
             px, _view = read_image_any(p, size)
         except SkipRecord as e:
             # Fixed reasons only: nothing from a DICOM header can reach the message.
-            raise CLIError(f"cannot read image {p}: {e.reason}") from None
-        images.append(px)
-    return images
+            skipped.append((str(p), f"cannot read image {p}: {e.reason}"))
+            continue
+        images.append((p, px))
+    return images, skipped
+
+
+def _report_skipped(args: argparse.Namespace, skipped: list[tuple[str, str]]) -> None:
+    for path, reason in skipped:
+        print(f"mavilt {args.command}: skipped {reason}", file=sys.stderr, flush=True)
+        if args.json:
+            _emit({"path": path, "skipped": reason})
 
 
 def _one_line(text: str) -> str:
@@ -206,7 +261,7 @@ def _request(cls, values: dict[str, Any], flags: dict[str, str]):
         raise CLIError(f"{flag}: {e}" if flag else str(e)) from None
 
 
-def cmd_report(args: argparse.Namespace) -> None:
+def cmd_report(args: argparse.Namespace) -> int:
     from mavilt.serving.requests import ReportRequest
 
     req = _request(ReportRequest, {"section": args.section, "num_beams": args.beams,
@@ -214,26 +269,40 @@ def cmd_report(args: argparse.Namespace) -> None:
                    {"section": "--section", "num_beams": "--beams", "max_new_tokens": "--max-new-tokens"})
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    paths = _check_inputs(args.images)
+    paths, skipped = _screen_inputs(args.images)
+    if not paths:
+        raise CLIError(skipped[0][1] if len(skipped) == 1 else
+                       f"none of the {len(skipped)} inputs is a readable image; the first: {skipped[0][1]}")
     _check_bundle(args.bundle)
+    _report_skipped(args, skipped)
     bundle = _load(args)
-    images = _read(paths, bundle.image_size)
+    images, unreadable = _read_each(paths, bundle.image_size)
+    _report_skipped(args, unreadable)
     for s in range(0, len(images), args.batch_size):
         chunk = images[s : s + args.batch_size]
-        reports = bundle.report(chunk, **req.settings())
-        for p, rep in zip(paths[s : s + args.batch_size], reports):
+        reports = bundle.report([px for _, px in chunk], **req.settings())
+        for (p, _), rep in zip(chunk, reports):
             if args.json:
                 _emit({"path": str(p), "report": rep})
             else:
                 print(f"{p}\t{_one_line(rep)}", flush=True)
+    return EXIT_SOME_SKIPPED if skipped or unreadable else 0
 
 
 def _output_paths(output: str, num: int) -> list[Path]:
+    """The files to write, checked before the bundle loads (a wrong path fails at once, not after the model ran)."""
+    import os
+
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise CLIError(f"-o {output}: the output must be a .png file")
     if out.exists() and out.is_dir():
         raise CLIError(f"-o {output} is a folder; give a file name ending in .png")
+    existing = next(p for p in [out.parent.absolute(), *out.parent.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise CLIError(f"-o {output}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CLIError(f"-o {output}: cannot write there (no permission in {existing}); choose another path")
     if num == 1:
         return [out]
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(num)]
@@ -301,7 +370,9 @@ COMMANDS = {"report": cmd_report, "synthesize": cmd_synthesize, "vqa": cmd_vqa, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with the subcommand's own usage, not the top-level one
+        (args.subcommand_parsers.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
@@ -309,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_environment(verbose=args.verbose, offline=True)
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args) or 0
     except CLIError as e:
         return _fail(args, e)
     except BrokenPipeError:  # `... | head`: stop quietly
@@ -319,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except MavilError as e:  # e.g. an unknown generation setting
         return _fail(args, e)
-    return 0
+    return status
 
 
 def _fail(args: argparse.Namespace, e: BaseException) -> int:

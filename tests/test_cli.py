@@ -131,7 +131,10 @@ def test_more_user_errors(world, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     cases = [
-        (("report", bad, "--bundle", world["bundle"]), "cannot read image"),
+        (("report", bad, "--bundle", world["bundle"]), "bad.png is not a PNG, JPEG or DICOM image (it starts with text)"),
+        # inputs and outputs are checked before the bundle: the missing bundle is not what is reported
+        (("report", bad, "--bundle", tmp_path / "nowhere"), "bad.png is not a PNG, JPEG or DICOM image"),
+        (("synthesize", "x", "-o", bad / "out.png", "--bundle", tmp_path / "nowhere"), "is a file, not a folder"),
         (("report", tmp_path, "--bundle", world["bundle"]), "not a file"),
         (("report", world["png"], "--bundle", tmp_path / "nowhere"), "bundle folder not found"),
         (("report", world["png"], "--bundle", world["bundle"], "--beams", "0"), "--beams: num_beams must be in [1, 8], got 0"),
@@ -150,6 +153,36 @@ def test_more_user_errors(world, tmp_path, capsys):
     (broken / "mavilt.json").write_text("{}")
     rc, _, err = run_main(capsys, "report", world["png"], "--bundle", broken)
     assert rc == 2 and "cannot load the model bundle" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_skips_a_bad_file_answers_the_others_and_says_so_in_its_status(world, tmp_path, capsys):
+    from mavilt.__main__ import EXIT_SOME_SKIPPED
+
+    empty, text = tmp_path / "empty.dcm", tmp_path / "notes.png"
+    empty.write_bytes(b"")
+    text.write_text("patient notes, not an image")
+    rc, out, err = run_main(capsys, "report", world["png"], text, world["dcm"], empty, tmp_path / "gone.png",
+                            "--bundle", world["bundle"], "--json", "--max-new-tokens", "4", "--beams", "1")
+    assert rc == EXIT_SOME_SKIPPED == 3
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert [r["path"] for r in rows if "report" in r] == [str(world["png"]), str(world["dcm"])]
+    skipped = {r["path"]: r["skipped"] for r in rows if "skipped" in r}
+    assert skipped == {str(text): f"{text} is not a PNG, JPEG or DICOM image (it starts with text)",
+                       str(empty): f"{empty} is not a PNG, JPEG or DICOM image (it is empty)",
+                       str(tmp_path / "gone.png"): f"image file not found: {tmp_path / 'gone.png'}"}
+    assert len(err.strip().splitlines()) == 3 and all(" skipped " in ln for ln in err.strip().splitlines())
+    # Plain text output: the same, the answered lines only on stdout.
+    rc, out, _ = run_main(capsys, "report", world["png"], text, "--bundle", world["bundle"], "--max-new-tokens", "4")
+    assert rc == 3 and [ln.split("\t")[0] for ln in out.splitlines()] == [str(world["png"])]
+
+
+def test_an_unknown_option_shows_the_subcommands_usage(world, capsys):
+    from mavilt.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(world["png"]), "--bundle", str(world["bundle"]), "--beem", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "usage: python -m mavilt report" in err and "unrecognized arguments: --beem 3" in err
 
 
 def test_help_and_manifest_name(capsys):
