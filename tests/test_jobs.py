@@ -54,7 +54,8 @@ def test_prepare_synthetic_writes_three_splits_and_a_result_line(prepared):
         (["jobs/vqgan.py", "--data", "/no/such/data", "--storage", "X"], "does not exist"),
         (["jobs/stage2.py", "--data", "X", "--tokenizer-checkpoint", "/nope", "--init-checkpoint", "/nope", "--storage", "X"], "holds no vqgan/vqgan.json"),
         (["jobs/encoder.py", "--data", "X", "--storage", "X", "--set", "encoder.max_steps=many"], "encoder.max_steps (int): training steps"),
-        (["jobs/evaluate.py", "--checkpoint", "/nope", "--data", "X", "--out", "X"], "not a model bundle"),
+        (["jobs/evaluate.py", "--bundle", "/nope", "--data", "X", "--out", "X"], "not a model bundle"),
+        (["jobs/evaluate.py", "--checkpoint", "/nope", "--data", "X", "--out", "X"], "not a model bundle"),  # old name
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(args, message, tmp_path):
