@@ -8,6 +8,7 @@ steps it reads from, so changing the VQ-GAN re-runs everything downstream of it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -35,10 +36,54 @@ class Step:
     run: Callable[[Config, Location, Results], dict[str, Any]]  # (cfg, step dir, upstream results) -> result
 
 
-def _prepare(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
-    from mavilt.data.prepare import run_prepare
+@dataclass(frozen=True)
+class DataSource:
+    """Where the run's data comes from: a source converted by the prepare step (``source``, rooted at
+    ``root``), or a dataset already prepared by ``jobs/prepare.py`` (``data``), which the run uses as it is."""
 
-    return run_prepare("synthetic", out, cfg)
+    source: str = "synthetic"
+    root: str | None = None
+    data: str | None = None
+
+    def check(self) -> "DataSource":
+        from mavilt.data.prepare import SOURCES
+        from mavilt.data.shards import check_dataset
+
+        if self.data is not None:
+            if self.root is not None or self.source != "synthetic":
+                raise InputError("--data (a prepared dataset) replaces --source/--root: pass one or the other")
+            check_dataset(self.data)  # names what is missing and who writes it
+            return self
+        if self.source not in SOURCES:
+            raise InputError(f"--source {self.source}: use one of {', '.join(sorted(SOURCES))}")
+        if self.source != "synthetic" and self.root is None:
+            raise InputError(f"--source {self.source} needs --root (the dataset's top folder; for csv, the CSV file)")
+        if self.source == "synthetic" and self.root is not None:
+            raise InputError("--root is for a real source (--source mimic-cxr, mimic-cxr-jpg, iu-xray or csv)")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What the prepare step's hash covers (with the data config): another source re-runs everything."""
+        if self.data is not None:
+            from mavilt.data.shards import read_manifest
+
+            return {"data": Location.of(self.data).uri, "manifest": config_hash(read_manifest(self.data))}
+        return {"source": self.source, "root": self.root}
+
+
+def _prepare(source: DataSource, cfg: Config, out: Location, results: Results) -> dict[str, Any]:
+    from mavilt.data.prepare import run_prepare
+    from mavilt.data.shards import read_manifest
+    from mavilt.runs import finish
+
+    if source.data is None:
+        return run_prepare(source.source, out, cfg, root=source.root)
+    # A dataset prepared earlier: this step only records where it is (its result's output is the dataset).
+    progress(f"prepare: using the dataset at {source.data} as it is (--data)")
+    m = read_manifest(source.data)
+    metrics = {"given": 1, "total_images": m.get("total_images"), "counts": m.get("counts"),
+               "skipped_total": m.get("skipped_total")}
+    return finish("prepare", Location.of(source.data), None, metrics, config_hash(source.identity()), folder=out)
 
 
 def _encoder(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
@@ -81,7 +126,7 @@ def _evaluate(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
 
 TRAINING = ("data", "compute")
 STEPS: list[Step] = [
-    Step("prepare", ("data",), (), _prepare),
+    Step("prepare", ("data",), (), lambda cfg, out, results: _prepare(DataSource(), cfg, out, results)),
     Step("encoder", TRAINING + ("encoder",), ("prepare",), _encoder),
     Step("vqgan", TRAINING + ("vqgan",), ("prepare", "encoder"), _vqgan),
     Step("pretrain_text", TRAINING + ("llm", "pretrain_text"), ("prepare",), _pretrain_text),
@@ -91,19 +136,25 @@ STEPS: list[Step] = [
 ]
 
 
-def step_hash(cfg: Config, step: Step, results: Results) -> str:
-    """The step's own config sections and the hashes of the steps it reads from."""
+def step_hash(cfg: Config, step: Step, results: Results, source: DataSource | None = None) -> str:
+    """The step's own config sections, the hashes of the steps it reads from, and for the first step the data."""
     upstream = {n: results[n]["config_hash"] for n in step.needs}
-    return config_hash({"step": step.name, "config": cfg.hash(*step.sections), "upstream": upstream})
+    data = (source or DataSource()).identity() if not step.needs else None
+    return config_hash({"step": step.name, "config": cfg.hash(*step.sections), "upstream": upstream,
+                        **({"source": data} if data != DataSource().identity() else {})})
 
 
-def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] | None = None, steps: list[Step] | None = None) -> dict[str, Any]:
-    """Run (or resume) every step; prints a progress line per step and a summary table at the end."""
+def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] | None = None,
+                 steps: list[Step] | None = None, source: DataSource | None = None) -> dict[str, Any]:
+    """Run (or resume) every step; prints a progress line per step and a summary table at the end. ``source``:
+    where the data comes from (default: the synthetic phantoms of the config's ``data`` section)."""
     from mavilt.raycluster import ensure_ray
     from mavilt.runs import finish
 
     force = set(force or [])
-    steps = steps or STEPS
+    source = (source or DataSource()).check()
+    steps = [dataclasses.replace(s, run=lambda c, o, r: _prepare(source, c, o, r)) if s.name == "prepare" else s
+             for s in (steps or STEPS)]
     unknown = force - {s.name for s in steps}
     if unknown:
         raise InputError(f"--force {sorted(unknown)}: no such step; steps are {[s.name for s in steps]}")
@@ -115,7 +166,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
     t_all = time.perf_counter()
     for i, step in enumerate(steps, 1):
         out = run_dir / step.name
-        h = step_hash(cfg, step, results)
+        h = step_hash(cfg, step, results, source)
         previous = read_result(out)
         if previous and previous.get("config_hash") == h and step.name not in force:
             results[step.name] = previous
@@ -145,7 +196,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
     if metrics["report"]:
         progress(f"report: {report}")
     final = results.get(steps[-1].name, {})
-    return finish("pipeline", run_dir, final.get("checkpoint"), metrics, step_hash(cfg, steps[-1], results))
+    return finish("pipeline", run_dir, final.get("checkpoint"), metrics, step_hash(cfg, steps[-1], results, source))
 
 
 STEP_HASH_FILE = ".pipeline_step_hash"

@@ -56,6 +56,7 @@ def test_prepare_synthetic_writes_three_splits_and_a_result_line(prepared):
         (["jobs/encoder.py", "--data", "X", "--storage", "X", "--set", "encoder.max_steps=many"], "encoder.max_steps (int): training steps"),
         (["jobs/evaluate.py", "--bundle", "/nope", "--data", "X", "--out", "X"], "not a model bundle"),
         (["jobs/evaluate.py", "--checkpoint", "/nope", "--data", "X", "--out", "X"], "not a model bundle"),  # old name
+        (["jobs/pipeline.py", "--source", "csv"], "--source csv needs --root"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(args, message, tmp_path):

@@ -58,3 +58,52 @@ def test_rerun_skips_done_steps_and_a_config_change_reruns_only_downstream(micro
     statuses = {k: v["status"] for k, v in changed["metrics"]["steps"].items()}
     assert statuses.pop("evaluate") == "ran"
     assert set(statuses.values()) == {"skipped"}
+
+
+def export_as_csv_source(data: Path, root: Path) -> Path:
+    """A prepared dataset written back out as a user's own data: PNG files and data.csv (labels 1 / 0 / -1 /
+    empty), the layout `--source csv` reads."""
+    import csv
+
+    from mavilt.data.labels import OBSERVATIONS
+    from mavilt.data.shards import SPLITS, read_rows
+
+    root.mkdir(parents=True)
+    with open(root / "data.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_path", "study_id", "split", "findings", "impression", "view", *OBSERVATIONS])
+        for split in SPLITS:
+            for row in read_rows(data, split):
+                name = f"images/{row['image_id']}.png"
+                (root / name).parent.mkdir(exist_ok=True)
+                (root / name).write_bytes(row["image"])
+                labels = [row["labels"].get(o) for o in OBSERVATIONS]
+                w.writerow([name, row["study_id"], split, row["findings"], row["impression"], row["view"] or "",
+                            *["" if v is None else int(v) for v in labels]])
+    return root / "data.csv"
+
+
+def test_the_pipeline_takes_a_csv_source_or_a_prepared_dataset(micro_run, tmp_path):
+    """The chain's first steps on a user's CSV (a micro run's images and reports written out as PNG + CSV), and
+    a run on a dataset prepared earlier (`--data`), which it uses as it is."""
+    from mavilt.pipeline import STEPS, DataSource, run_pipeline
+
+    run_dir, _ = micro_run
+    prepared = json.loads((run_dir / "prepare" / "result.json").read_text())
+    table = export_as_csv_source(Path(prepared["output"]), tmp_path / "mine")
+    first = [s for s in STEPS if s.name in ("prepare", "encoder")]
+    out = run_pipeline(load_config("micro"), tmp_path / "csv", steps=first, source=DataSource("csv", str(table)))
+    prep = json.loads((tmp_path / "csv" / "prepare" / "result.json").read_text())
+    assert prep["metrics"]["counts"] == prepared["metrics"]["counts"] and prep["metrics"]["skipped_total"] == 0
+    assert out["metrics"]["steps"]["encoder"]["status"] == "ran"
+    assert Path(json.loads((tmp_path / "csv" / "encoder" / "result.json").read_text())["checkpoint"]).is_dir()
+
+    given = run_pipeline(load_config("micro"), tmp_path / "given", steps=first[:1],
+                         source=DataSource(data=prepared["output"]))
+    result = json.loads((tmp_path / "given" / "prepare" / "result.json").read_text())
+    assert result["output"] == prepared["output"] and result["metrics"]["given"] == 1
+    assert given["metrics"]["steps"]["prepare"]["status"] == "ran"
+    with pytest.raises(Exception, match="replaces --source/--root"):
+        run_pipeline(load_config("micro"), tmp_path / "x", source=DataSource("csv", str(table), prepared["output"]))
+    with pytest.raises(Exception, match="needs --root"):
+        run_pipeline(load_config("micro"), tmp_path / "x", source=DataSource("iu-xray"))
