@@ -67,7 +67,7 @@ def run_job(fn: Callable[[Config], dict[str, Any]], args: argparse.Namespace, *,
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     # A job's stdout is exactly its JSON result line.
-    print(json.dumps(result), flush=True)
+    print(json.dumps(result.get("line", result) if isinstance(result, dict) else result), flush=True)
     return result
 
 

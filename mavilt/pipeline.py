@@ -20,7 +20,7 @@ from mavilt.config import Config
 from mavilt.console import progress
 from mavilt.errors import InputError
 from mavilt.hashing import config_hash
-from mavilt.runs import StepOutput, read_result, write_json
+from mavilt.runs import StepOutput, read_metrics, read_result, result_line, write_json
 from mavilt.storage import Location
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
                  steps: list[Step] | None = None, source: DataSource | None = None) -> dict[str, Any]:
     """Run (or resume) every step; prints a progress line per step and a summary table at the end. ``source``:
     where the data comes from (default: the synthetic phantoms of the config's ``data`` section)."""
+    from mavilt.eval.evaluate import evaluate_headline
     from mavilt.raycluster import ensure_ray
     from mavilt.runs import finish
 
@@ -179,16 +180,19 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
         result = step.run(cfg, out, results)
         # The step's own job hash covers its inputs; the pipeline's covers the chain, so it wins here.
         result["config_hash"] = h
-        write_json(StepOutput(out).result, result)
+        line = {**result.pop("line", result_line(result)), "config_hash": h}
+        write_json(StepOutput(out).result, line)
         seconds = time.perf_counter() - t0
         results[step.name] = result
         summary.append((step.name, "ran", seconds, result))
-        progress(json.dumps(result))
+        progress(json.dumps(line))
         progress(f"[{i}/{len(steps)}] {step.name}: finished in {seconds:.0f} s")
     total = time.perf_counter() - t_all
     table = _summary_table(summary, total)
     progress(table)
-    metrics = {name: r.get("metrics", {}) for name, _, _, r in summary}
+    # Every step's full metrics (a step skipped now: from its metrics.json), its status and time.
+    metrics = {name: (read_metrics(run_dir / name) if status == "skipped" else r.get("metrics", {}))
+               for name, status, _, r in summary}
     metrics["steps"] = {name: {"status": status, "seconds": round(sec, 1)} for name, status, sec, _ in summary}
     metrics["seconds"] = round(total, 1)
     report = run_dir / "evaluate" / "report.md"
@@ -196,7 +200,11 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
     if metrics["report"]:
         progress(f"report: {report}")
     final = results.get(steps[-1].name, {})
-    return finish("pipeline", run_dir, final.get("checkpoint"), metrics, step_hash(cfg, steps[-1], results, source))
+    picked = {"steps": {name: f"{status} {sec:.0f} s" for name, status, sec, _ in summary}}
+    if "evaluate" in metrics:
+        picked["evaluate"] = evaluate_headline(metrics["evaluate"])
+    return finish("pipeline", run_dir, final.get("checkpoint"), metrics, step_hash(cfg, steps[-1], results, source),
+                  picked=picked)
 
 
 STEP_HASH_FILE = ".pipeline_step_hash"
@@ -226,13 +234,13 @@ HEADLINES = {
 
 
 def _headline(name: str, result: dict[str, Any]) -> str:
+    from mavilt.eval.evaluate import evaluate_headline
+
     m = result.get("metrics", {})
     if name == "evaluate":
-        rep = m.get("reports", {}).get("systems", {}).get("model", {})
-        vqa = m.get("vqa", {}).get("model", {})
-        fid = m.get("images", {}).get("fid", {}).get("synthesized", {})
-        found = {"F1 micro-14": rep.get("f1_micro_14"), "BLEU-4": rep.get("BLEU-4"), "VQA acc": vqa.get("accuracy"),
-                 "FID": fid.get("fid")}
+        h = evaluate_headline(m)
+        found = {"F1 micro-14": h.get("f1_micro_14"), "BLEU-4": h.get("BLEU-4"), "VQA acc": h.get("vqa_accuracy"),
+                 "FID": h.get("fid")}
     else:
         found = {k: m.get(k) for k in HEADLINES.get(name, ())}
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in found.items() if v is not None)

@@ -50,6 +50,25 @@ def make_result(
     )
 
 
+RESULT_LINE_BYTES = 2048  # a result line a person can read in a terminal and a script can parse from a log
+
+
+def headline(metrics: dict[str, Any], picked: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The metrics a result line carries: ``picked`` (a job's own headline of its nested metrics), then every
+    top-level number, string or flag, then the smaller tables and lists, then per-part keys (``a/b``), each
+    while the line stays under :data:`RESULT_LINE_BYTES`. The full metrics are in ``metrics.json``."""
+    out = dict(picked or {})
+    rest = {k: v for k, v in _jsonable(metrics).items() if k not in out}
+    scalar = {k: v for k, v in rest.items() if v is None or isinstance(v, (int, float, str, bool))}
+    nested = sorted((k for k in rest if k not in scalar), key=lambda k: len(json.dumps(rest[k])))
+    order = [k for k in scalar if "/" not in k] + nested + [k for k in scalar if "/" in k]
+    for k in order:
+        out[k] = rest[k]
+        if len(json.dumps(_jsonable(out))) > RESULT_LINE_BYTES - 600:  # room for job, paths and hash
+            del out[k]
+    return out
+
+
 def finish(
     job: str,
     output: str | Path | Location,
@@ -57,14 +76,25 @@ def finish(
     metrics: dict[str, Any],
     config_hash: str,
     folder: str | Path | Location | None = None,
+    picked: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``metrics.json`` and then ``result.json`` (a finished step's marker) under ``output``, or under
-    ``folder`` when the step publishes its output from a local folder; the job entry point prints the line."""
+    """Write ``metrics.json`` (everything) and then ``result.json`` (a finished step's marker: the job's result
+    line, with :func:`headline` metrics) under ``output``, or under ``folder`` when the step publishes its output
+    from a local folder. Returns the result with the full metrics (for callers in this process) and the line
+    under ``"line"`` (what the job entry point prints)."""
     result = make_result(job, output, checkpoint, metrics, config_hash)
     out = StepOutput(folder if folder is not None else output)
     write_json(out.metrics, result["metrics"])
-    write_json(out.result, result)
-    return result
+    line = result_line(result, picked)
+    write_json(out.result, line)
+    return {**result, "line": line}
+
+
+def result_line(result: dict[str, Any], picked: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A result (full metrics) as its compact line."""
+    line = {k: v for k, v in result.items() if k != "line"}
+    line["metrics"] = headline(result.get("metrics") or {}, picked)
+    return _jsonable(line)
 
 
 class StepOutput(Folder):
@@ -91,6 +121,19 @@ def read_result(step_dir: str | Path | Location) -> dict[str, Any] | None:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def read_metrics(step_dir: str | Path | Location) -> dict[str, Any]:
+    """A finished step's full metrics (``metrics.json``; its result line carries only the headline)."""
+    out = StepOutput(step_dir)
+    for part in (out.metrics, out.result):
+        if part.is_file():
+            try:
+                data = json.loads(part.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            return data.get("metrics", {}) if part is out.result else data
+    return {}
 
 
 def code_version() -> str:

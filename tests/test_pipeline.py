@@ -23,7 +23,12 @@ def test_every_step_writes_its_result_line(micro_run):
         assert (run_dir / step / "metrics.json").exists()
         if step not in ("prepare", "evaluate"):
             assert r["checkpoint"] and Path(r["checkpoint"]).exists(), step
-    assert json.loads((run_dir / "result.json").read_text())["job"] == "pipeline"
+    line = json.loads((run_dir / "result.json").read_text())
+    assert line["job"] == "pipeline" and len(json.dumps(line)) <= 2048  # a headline; the rest in metrics.json
+    assert set(line["metrics"]["steps"]) == set(steps) and "f1_micro_14" in line["metrics"]["evaluate"]
+    assert "reports" in json.loads((run_dir / "metrics.json").read_text())["evaluate"]
+    for step in steps:
+        assert len((run_dir / step / "result.json").read_text()) <= 2400, step  # indented JSON of a < 2 KB line
     assert Path(json.loads((run_dir / "stage2" / "result.json").read_text())["checkpoint"]).name == "bundle"
 
 

@@ -227,9 +227,24 @@ def test_results_land_where_the_output_says(place):
 
     result = finish("vqgan", place, place / "checkpoint_000001", {"val_loss": 0.5, "nan": float("nan")}, "abc")
     out = StepOutput(place)
-    assert read_result(place) == result and result["output"] == place.uri
+    assert read_result(place) == result["line"] and result["output"] == place.uri
     assert result["checkpoint"] == f"{place.uri}/checkpoint_000001"
     assert json.loads(out.metrics.read_text()) == {"val_loss": 0.5, "nan": None}
+
+
+def test_a_result_line_keeps_the_headline_under_2_kb_and_metrics_json_everything(tmp_path):
+    from mavilt.runs import RESULT_LINE_BYTES, finish, read_metrics, read_result
+
+    per_observation = {f"val_auroc/{i:02d}-observation-with-a-long-name": 0.123456789 for i in range(60)}
+    metrics = {"val_loss": 0.5, "step": 900, "counts": {"train": 3, "test": 1}, "tables": {"rows": list(range(500))},
+               **per_observation}
+    result = finish("encoder", tmp_path, tmp_path / "checkpoint_1", metrics, "abc", picked={"headline": 1.0})
+    line = read_result(tmp_path)
+    assert line == result["line"] and len(json.dumps(line)) <= RESULT_LINE_BYTES
+    kept = line["metrics"]
+    assert kept["headline"] == 1.0 and kept["val_loss"] == 0.5 and kept["counts"] == {"train": 3, "test": 1}
+    assert "tables" not in kept and 0 < sum(k.startswith("val_auroc/") for k in kept) < 60
+    assert read_metrics(tmp_path) == metrics == result["metrics"]  # everything, in metrics.json
 
 
 def test_a_resumed_attempt_marks_the_lost_steps_and_logs_what_it_resumed(place, capfd):

@@ -129,9 +129,30 @@ def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg
         metrics = ev.run()
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
         h = config_hash([str(bundle_path), str(data), split, limit, cfg.to_dict()["eval"]])
-        result = finish("evaluate", out, None, metrics, h, folder=staging)
+        result = finish("evaluate", out, None, metrics, h, folder=staging, picked=evaluate_headline(metrics))
         publish_dir(staging, out, StepOutput.result.relative)
     return result
+
+
+def evaluate_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's result line: the model's main figure per task (the tables are in metrics.json and
+    report.md). Already a headline (a result line read back): returned as it is."""
+    if "reports" not in metrics and "images" not in metrics:
+        return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    systems = metrics.get("reports", {}).get("systems", {})
+    rep, retrieval = systems.get("model", {}), systems.get("retrieval", {})
+    images = metrics.get("images", {})
+    fid, fidelity = images.get("fid", {}), images.get("label_fidelity", {})
+    picked = {
+        "f1_micro_14": rep.get("f1_micro_14"), "f1_macro_14": rep.get("f1_macro_14"), "f1_micro_5": rep.get("f1_micro_5"),
+        "BLEU-4": rep.get("BLEU-4"), "METEOR": rep.get("METEOR"), "ROUGE-L": rep.get("ROUGE-L"), "CIDEr": rep.get("CIDEr"),
+        "retrieval_f1_micro_14": retrieval.get("f1_micro_14"),
+        "vqa_accuracy": metrics.get("vqa", {}).get("model", {}).get("accuracy"),
+        "fid": fid.get("synthesized", {}).get("fid"), "fid_real_vs_real": fid.get("real_vs_real", {}).get("fid"),
+        "label_fidelity_f1": fidelity.get("synthesized", {}).get("f1"), "label_fidelity_f1_real": fidelity.get("real", {}).get("f1"),
+        "psnr": metrics.get("reconstruction", {}).get("psnr"), "ssim": metrics.get("reconstruction", {}).get("ssim"),
+    }
+    return {k: v for k, v in picked.items() if v is not None}
 
 
 class Evaluation:

@@ -236,8 +236,10 @@ def write_results(spec: SweepSpec, cfg: Config, root: Location, trials: list[Tri
             "table": (results / "table.md").uri, "plots": [(results / p).uri for p in plots],
             "seconds": round(seconds, 1),
         }
+        # The line: the best point and each re-run's objective (mean, std); the full tables in metrics.json.
+        picked = {"seeds": {label: {k: s[k] for k in ("objective",) if k in s} for label, s in seeds.items()}}
         result = finish(spec.job, results, best.checkpoint if best else None, metrics,
-                        config_hash([spec.job, spec.step, cfg.to_dict()]), folder=out)
+                        config_hash([spec.job, spec.step, cfg.to_dict()]), folder=out, picked=picked)
         publish_dir(out, results, "result.json")
     compact = ["trial", *[p.key for p in spec.params], "objective", *keys[1:], "status", "stopped_at"]
     progress(markdown_table(spec, trials + reruns, compact))

@@ -149,7 +149,7 @@ def _judge(cfg: Config, upstream: Upstream, root: Location, judge_checkpoint: st
     """The judge: a second CXR encoder (same architecture as phi, seed ``tune.judge_seed``), trained once on the
     training split and only ever used to score reconstructions."""
     from mavilt.hashing import config_hash
-    from mavilt.runs import read_result
+    from mavilt.runs import read_metrics, read_result
     from mavilt.sweeps.objectives import judge_observations
     from mavilt.train.steps import run_encoder
 
@@ -170,12 +170,13 @@ def _judge(cfg: Config, upstream: Upstream, root: Location, judge_checkpoint: st
             result["judge_hash"] = h
             from mavilt.runs import write_json
 
-            write_json(root / "judge" / "result.json", result)
+            write_json(root / "judge" / "result.json", {**result.pop("line"), "judge_hash": h})
         where = result["checkpoint"]
     from mavilt.checkpoints import EncoderCheckpoint
 
     judge_dir = EncoderCheckpoint.find_model(where, "--judge-checkpoint")
-    obs = judge_observations(result.get("metrics", {}), cfg.tune.judge_min_auroc)
+    obs = judge_observations(read_metrics(Location.of(where).parent) or result.get("metrics", {}),
+                             cfg.tune.judge_min_auroc)
     if not obs:
         raise ConfigError(f"the judge at {where} reads no observation with validation AUROC >= "
                           f"{cfg.tune.judge_min_auroc} (tune.judge_min_auroc): train it longer (encoder.max_steps)")
