@@ -45,7 +45,9 @@ def test_evaluation_outputs(micro_run):
     assert "in-house CXR encoder" in report  # the FID network is named
     for f in ("per_study.csv", "samples.png", "reconstructions.png", "model_card.md", "metrics.json"):
         assert (ev / f).exists(), f
-    assert "not for clinical decisions" in (ev / "model_card.md").read_text().lower()
+    card = (ev / "model_card.md").read_text()
+    assert "not for clinical decisions" in card.lower() and "Trained at 32x32 pixels" in card
+    assert "| observation | positives | precision | recall | F1 |" in report
     m = json.loads((ev / "metrics.json").read_text())
     model = m["reports"]["systems"]["model"]
     assert 0 <= model["f1_micro_14"] <= 1 and len(model["ci95"]["f1_micro_14"]) == 2

@@ -76,6 +76,7 @@ def report_metrics(refs: list[str], hyps: list[str], ref_labels: list[dict], cfg
     ce = clinical_efficacy(ref_labels, hyp_labels, uncertain_policy=ec.uncertain_policy)
     out.update({k: ce[k] for k in ce if k.startswith(("precision_", "recall_", "f1_"))})
     out["per_observation_f1"] = {o: v["f1"] for o, v in ce["per_observation"].items()}
+    out["per_observation"] = ce["per_observation"]  # precision, recall, F1 and positives among the references
     y_true = binarize_labels(ref_labels, ec.uncertain_policy)
     y_pred = binarize_labels(hyp_labels, ec.uncertain_policy)
     ci = {}
@@ -200,11 +201,17 @@ class Evaluation:
         return metrics
 
     def reconstruction(self, images: torch.Tensor) -> dict[str, Any]:
-        from mavilt.eval.recon import reconstruction_metrics, save_recon_grid
+        from mavilt.eval.figures import ERROR_SCALE, Column, save_grid
+        from mavilt.eval.recon import reconstruction_metrics
 
         phi = self.b.encoder
         m, example = reconstruction_metrics(self.b.vqgan, images, phi, device=self.b.device)
-        save_recon_grid(*example, self.out / "reconstructions.png")
+        inputs, recons = (t[:, 0].numpy() for t in example)
+        save_grid([[x, r, np.abs(x - r)] for x, r in zip(inputs, recons)],
+                  [Column("test image"), Column("VQ-GAN reconstruction"),
+                   Column("|image - reconstruction|", cmap="magma", vmax=ERROR_SCALE)],
+                  self.out / "reconstructions.png", title=f"Tokenizer reconstruction ({self.split} split)",
+                  note=f"error map: absolute difference, colour scale 0 to {ERROR_SCALE} of the intensity range")
         return m
 
     # ---- reports -----------------------------------------------------------------------------------
@@ -335,11 +342,19 @@ class Evaluation:
         return res
 
     def save_grids(self, studies, real, synth, labels) -> None:
-        """samples.png: input | reconstruction | synthesised from its report; findings.png: one synthesised
-        image per finding (the first test study whose labels have it), each beside the real image."""
+        """samples.png: input | reconstruction | synthesised from its report, each row labelled with the study's
+        findings; findings.png: one synthesised image per finding (the first test study whose labels have it),
+        beside the real image, the finding named on its row (and in findings.txt)."""
+        from mavilt.eval.figures import Column, positive_findings, save_grid
+
         n = min(8, len(studies))
         recon = self._decode(self._encode(real[:n]))
-        _save_rows([[real[i], recon[i], synth[i]] for i in range(n)], self.out / "samples.png")
+        img = lambda t: t[0].numpy()  # noqa: E731
+        save_grid([[img(real[i]), img(recon[i]), img(synth[i])] for i in range(n)],
+                  [Column("test image"), Column("VQ-GAN reconstruction"), Column("synthesised from its report")],
+                  self.out / "samples.png", title=f"First {n} test studies", row_labels=[
+                      positive_findings(labels[i]) for i in range(n)],
+                  note="row label: the study's positive findings from its reference report")
         rows_ = []
         names = []
         for o in OBSERVATIONS:
@@ -347,10 +362,12 @@ class Evaluation:
                 continue
             hit = next((i for i, lab in enumerate(labels) if lab.get(o) == 1), None)
             if hit is not None:
-                rows_.append([real[hit], synth[hit]])
+                rows_.append([img(real[hit]), img(synth[hit])])
                 names.append(o)
         if rows_:
-            _save_rows(rows_, self.out / "findings.png")
+            save_grid(rows_, [Column("real test image"), Column("synthesised from its report")],
+                      self.out / "findings.png", title="One study per finding", row_labels=names,
+                      note="each row: the first test study whose reference report has the finding")
             (self.out / "findings.txt").write_text("\n".join(f"row {i + 1}: {o}" for i, o in enumerate(names)) + "\n")
 
     def write_csv(self, per_study: list[dict[str, Any]]) -> None:
@@ -364,8 +381,3 @@ class Evaluation:
             w.writerows(per_study)
 
 
-def _save_rows(rows: list[list[torch.Tensor]], path: Path) -> None:
-    from PIL import Image
-
-    grid = np.concatenate([np.concatenate([t[0].numpy() for t in r], axis=1) for r in rows], axis=0)
-    Image.fromarray((np.clip(grid, 0, 1) * 255).round().astype(np.uint8)).save(path)

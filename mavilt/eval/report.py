@@ -70,9 +70,26 @@ def report_section(m: dict[str, Any], lines: list[str]) -> None:
               "| baseline | F1 micro-14 | F1 micro-5 |", "|---|---|---|"]
     for b, d in r.get("model_minus", {}).items():
         lines.append(f"| {SYSTEM_NAMES.get(b, b)} | {verdict(d.get('f1_micro_14'))} | {verdict(d.get('f1_micro_5'))} |")
-    per = r["systems"]["model"].get("per_observation_f1", {})
+    per = r["systems"]["model"].get("per_observation", {})
     if per:
-        lines += ["", "Model F1 per observation: " + ", ".join(f"{o} {_f(v, 2)}" for o, v in per.items()), ""]
+        lines += ["", "Per observation (the model's reports; positives: studies whose reference report has it; "
+                  "F1 is undefined, shown –, where no reference has it):", "",
+                  "| observation | positives | precision | recall | F1 |", "|---|---|---|---|---|"]
+        for o, v in per.items():
+            defined = v.get("support", 0) > 0
+            lines.append(f"| {o} | {v.get('support', 0)} | {_f(v['precision'], 2) if defined else '–'} | "
+                         f"{_f(v['recall'], 2) if defined else '–'} | {_f(v['f1'], 2) if defined else '–'} |")
+        lines.append("")
+
+
+def poorly_read(m: dict[str, Any], below: float = 0.5) -> tuple[list[str], list[str]]:
+    """Observations the model's reports get wrong (F1 below ``below`` where references have them), as
+    "name (F1 x over n positives)", and those the split cannot measure (no positive reference)."""
+    per = (m.get("reports", {}).get("systems", {}).get("model", {}) or {}).get("per_observation", {})
+    poor = [f"{o} (F1 {v['f1']:.2f} over {v['support']} positives)" for o, v in per.items()
+            if v.get("support", 0) > 0 and v["f1"] < below]
+    unmeasured = [o for o, v in per.items() if v.get("support", 0) == 0]
+    return poor, unmeasured
 
 
 def vqa_section(m: dict[str, Any], lines: list[str]) -> None:
@@ -148,6 +165,17 @@ def write_report_md(path: Path, m: dict[str, Any], cfg: Config, bundle: Path, da
     return path
 
 
+def _limits_from_numbers(m: dict[str, Any], bundle) -> list[str]:
+    poor, unmeasured = poorly_read(m)
+    out = [f"- Trained at {bundle.image_size}x{bundle.image_size} pixels: larger radiographs are resized down to "
+           "that, so findings smaller than a few of its pixels are lost before the model sees them."]
+    if poor:
+        out.append(f"- Reads poorly (report F1 below 0.5 on split `{m['split']}`): " + "; ".join(poor) + ".")
+    if unmeasured:
+        out.append("- Not measured (no positive reference on this split): " + ", ".join(unmeasured) + ".")
+    return out
+
+
 def write_model_card(path: Path, m: dict[str, Any], cfg: Config, bundle) -> Path:
     r = m["reports"]["systems"]["model"] if m["reports"].get("systems") else {}
     v = m["vqa"].get("model", {})
@@ -176,6 +204,7 @@ def write_model_card(path: Path, m: dict[str, Any], cfg: Config, bundle) -> Path
         f"- VQA accuracy {_f(v.get('accuracy'))}",
         "",
         "## Known limits",
+        *_limits_from_numbers(m, bundle),
         "- The rule-based labeler that scores clinical efficacy has its own errors; CheXbert-based scores are not "
         "comparable with these.",
         "- FID uses the in-house encoder unless another network is configured; values are comparable only within one "
