@@ -316,7 +316,8 @@ def build_mimic_tree(root: Path, kind: str = "dicom", size: int = 64) -> dict[st
         add(50000005, "train", "PA", dcm(body_part="KNEE"), "knee")
         add(50000005, "train", "PA", lambda p: write_dicom(p, None), "no_pixels")
         expect["skipped"].update({"corrupt or truncated DICOM": 1, "empty file": 1, "not a DICOM file": 1,
-                                  "non-X-ray modality": 1, "non-chest body part": 1, "no pixel data": 1})
+                                  "non-X-ray modality CT; accepted: CR, DR, DX": 1,
+                                  "non-chest body part (KNEE); accepted: CHEST (or none given)": 1, "no pixel data": 1})
         # HTJ2K: no decoder plugin is installed by default, so the reason names the package to install.
         from pydicom.pixels import get_decoder
 

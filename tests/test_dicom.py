@@ -208,12 +208,12 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     add("text", "not a DICOM file", _text)
     add("truncated", "corrupt or truncated DICOM", lambda p: _truncated(p, p16))
     add("header_only", "corrupt or truncated DICOM", lambda p: (_truncated(p, p16), p.write_bytes(p.read_bytes()[:140])))
-    add("ct", "non-X-ray modality", lambda p: write_dicom(p, p16, modality="CT"))
-    add("mr", "non-X-ray modality", lambda p: write_dicom(p, p16, modality="MR"))
-    add("us", "non-X-ray modality", lambda p: write_dicom(p, p16, modality="US"))
-    add("knee", "non-chest body part", lambda p: write_dicom(p, p16, body_part="KNEE"))
-    add("abdomen", "non-chest body part", lambda p: write_dicom(p, p16, body_part="ABDOMEN"))
-    add("lspine", "non-chest body part", lambda p: write_dicom(p, p16, body_part="L SPINE"))
+    add("ct", "non-X-ray modality CT; accepted: CR, DR, DX", lambda p: write_dicom(p, p16, modality="CT"))
+    add("mr", "non-X-ray modality MR; accepted: CR, DR, DX", lambda p: write_dicom(p, p16, modality="MR"))
+    add("us", "non-X-ray modality US; accepted: CR, DR, DX", lambda p: write_dicom(p, p16, modality="US"))
+    add("knee", "non-chest body part (KNEE); accepted: CHEST (or none given)", lambda p: write_dicom(p, p16, body_part="KNEE"))
+    add("abdomen", "non-chest body part (ABDOMEN); accepted: CHEST (or none given)", lambda p: write_dicom(p, p16, body_part="ABDOMEN"))
+    add("lspine", "non-chest body part (SPINE); accepted: CHEST (or none given)", lambda p: write_dicom(p, p16, body_part="L SPINE"))
     add("no_pixels", "no pixel data", lambda p: write_dicom(p, None))
     return cases
 

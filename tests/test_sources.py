@@ -84,7 +84,7 @@ def test_mimic_cxr_dicom_end_to_end(tmp_path, cfg, caplog):
     listed = manifest["skipped_inputs"]
     assert len(listed) == manifest["skipped_total"] == sum(exp["skipped"].values())
     by_reason = {e["reason"]: e["input"] for e in listed}
-    for name, reason in (("empty", "empty file"), ("not_dicom", "not a DICOM file"), ("ct", "non-X-ray modality"),
+    for name, reason in (("empty", "empty file"), ("not_dicom", "not a DICOM file"), ("ct", "non-X-ray modality CT; accepted: CR, DR, DX"),
                          ("not_in_split", "study missing from the split file")):
         where = by_reason[reason]
         assert where.startswith("files/") and where.endswith(f"{exp['images'][name]['dicom_id']}.dcm"), (reason, where)

@@ -45,6 +45,12 @@ REASON_UNKNOWN_SYNTAX = "unsupported compressed transfer syntax (no pixel decode
 # Projection radiography: computed (CR), digital (DX) and the non-standard but common DR. A missing modality is
 # accepted (old exports often omit it); anything else (CT, MR, US, ...) is not a chest X-ray.
 XRAY_MODALITIES: frozenset[str] = frozenset({"CR", "DX", "DR"})
+# DICOM's modality defined terms (PS3.3 C.7.3.1.1.1), current and retired: the only values a skip reason repeats.
+DICOM_MODALITIES: frozenset[str] = frozenset(
+    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG MR "
+    "M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT "
+    "RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC DS DF CF CD DD "
+    "ST OPR MA MS EC".split())
 CHEST_TERMS: tuple[str, ...] = ("CHEST", "THORAX", "LUNG", "TORSO")
 # Rejected only when the body part clearly names something else; unknown free text is let through.
 NON_CHEST_TERMS: tuple[str, ...] = (
@@ -240,10 +246,11 @@ def _read_first_frame(source: Path | io.BytesIO, kind: bool | None) -> tuple[np.
 
     modality = _clean(ds.get("Modality"))
     if modality and modality not in XRAY_MODALITIES:
-        raise SkipRecord(REASON_MODALITY)
+        shown = modality if modality in DICOM_MODALITIES else "(not a DICOM modality code)"
+        raise SkipRecord(f"{REASON_MODALITY} {shown}; accepted: {', '.join(sorted(XRAY_MODALITIES))}")
     body = _clean(ds.get("BodyPartExamined"))
     if body and not _is_chest(body) and _names_other_part(body):
-        raise SkipRecord(REASON_BODY_PART)
+        raise SkipRecord(f"{REASON_BODY_PART} ({_other_part(body)}); accepted: CHEST (or none given)")
     if "PixelData" not in ds:
         # An image module without pixels, or no SOP class at all, means the file stops early; a complete
         # object without pixels (a structured report, a presentation state) is "no pixel data".
@@ -279,6 +286,13 @@ def _read_first_frame(source: Path | io.BytesIO, kind: bool | None) -> tuple[np.
 
 def _is_chest(body: str) -> bool:
     return any(t in body for t in CHEST_TERMS)
+
+
+def _other_part(body: str) -> str:
+    """The known non-chest term the header names (only a term of our own list is ever repeated: the field is
+    free text and may hold anything)."""
+    words = re.findall(r"[A-Z]+", body)
+    return next((t for w in words for t in NON_CHEST_TERMS if w.startswith(t)), "another body part")
 
 
 def _names_other_part(body: str) -> bool:
