@@ -142,7 +142,11 @@ class Bundle:
         from mavilt.llm.tasks import REPORT
 
         g = self._gen(overrides)
-        section = section or self.config.stage2.report_section
+        trained = self.config.stage2.report_section
+        section = section or trained
+        if section != trained:
+            log.warning("this bundle was trained to write the %s section; the %s section it is asked for was never "
+                        "trained, so expect text of little use", trained, section)
         prompts = [REPORT.prompt(self.vocab, self.codec, c.numpy(), section=section) for c in codes]
         ids = generate_text(self.llm, self.vocab, prompts, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
                             do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed)
@@ -159,6 +163,13 @@ class Bundle:
 
         g = self._gen(overrides)
         ml = self.config.llm.max_length
+        budget = SYNTHESIZE.text_budget(self.vocab, self.codec, ml)
+        for t in texts:
+            n = len(self.codec.encode(t))
+            if n > budget:  # the model draws from what fits: say how much of the text it never saw
+                log.warning("the report text has %d tokens and the model's context (llm.max_length %d, %d of it "
+                            "image codes) leaves room for %d: the last %d tokens (about %d%% of the text) are not used",
+                            n, ml, self.vocab.tokens_per_image, budget, n - budget, round(100 * (n - budget) / n))
         prompts = [SYNTHESIZE.prompt(self.vocab, self.codec, t, max_length=ml) for t in texts]
         uncond = [SYNTHESIZE.prompt(self.vocab, self.codec, None, max_length=ml) for _ in texts]
         return generate_image_codes(self.llm, self.vocab, prompts, uncond_prompts=uncond, cfg_scale=g.cfg_scale,

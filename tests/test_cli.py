@@ -176,6 +176,18 @@ def test_report_skips_a_bad_file_answers_the_others_and_says_so_in_its_status(wo
     assert rc == 3 and [ln.split("\t")[0] for ln in out.splitlines()] == [str(world["png"])]
 
 
+def test_warnings_where_the_model_cannot_do_what_was_asked(world, tmp_path, capsys, caplog):
+    long_text = " ".join(["Moderate cardiomegaly with a small left pleural effusion."] * 30)
+    rc, _, _ = run_main(capsys, "synthesize", long_text, "-o", tmp_path / "long.png", "--bundle", world["bundle"])
+    assert rc == 0 and (tmp_path / "long.png").exists()
+    cut = [r.getMessage() for r in caplog.records if "are not used" in r.getMessage()]
+    assert len(cut) == 1 and "the model's context (llm.max_length 96, 16 of it image codes)" in cut[0], cut
+    caplog.clear()
+    rc, _, _ = run_main(capsys, "report", world["png"], "--bundle", world["bundle"], "--section", "impression",
+                        "--max-new-tokens", "4")
+    assert rc == 0 and any("was never trained" in r.getMessage() for r in caplog.records)
+
+
 def test_an_unknown_option_shows_the_subcommands_usage(world, capsys):
     from mavilt.__main__ import main
 

@@ -172,12 +172,19 @@ class ReportToImageTask(Task):
         codes and ``<eoi>`` always fit in ``max_length``."""
         if report is None:
             return _bos(vocab) + codec.encode(UNCONDITIONAL_SYNTHESIS) + [vocab.boi_id]
+        head_ids, tail_ids = self._template_ids(codec, paraphrase)
+        return (_bos(vocab) + head_ids + _fit_text(codec.encode(report), self.text_budget(vocab, codec, max_length, paraphrase))
+                + tail_ids + [vocab.boi_id])
+
+    def _template_ids(self, codec: TextCodec, paraphrase: int) -> tuple[list[int], list[int]]:
         head, tail = self.templates[paraphrase % len(self.templates)].split("{report}")
-        head_ids = codec.encode(head.strip())
-        tail_ids = codec.encode(tail.strip()) if tail.strip() else []
-        budget = max_length - vocab.tokens_per_image - 1
+        return codec.encode(head.strip()), (codec.encode(tail.strip()) if tail.strip() else [])
+
+    def text_budget(self, vocab: JointVocab, codec: TextCodec, max_length: int, paraphrase: int = 0) -> int:
+        """How many tokens of report text fit beside the template, the N codes and ``<eoi>``."""
+        head_ids, tail_ids = self._template_ids(codec, paraphrase)
         fixed = len(_bos(vocab)) + len(head_ids) + len(tail_ids) + 1
-        return _bos(vocab) + head_ids + _fit_text(codec.encode(report), budget - fixed) + tail_ids + [vocab.boi_id]
+        return max(max_length - vocab.tokens_per_image - 1 - fixed, 0)
 
     def example(self, row, s, rng):
         report = report_text(row, s.section).strip()
