@@ -116,3 +116,27 @@ def test_a_training_job_prints_exactly_its_result_line_on_stdout(prepared, tmp_p
     noise = [line for line in p.stderr.splitlines()
              if re.search(r"core_worker\.cc|DeprecationWarning|FutureWarning|Progress bars disabled|logging_progress", line)]
     assert not noise, noise
+
+
+JOB_FILES = sorted([*(REPO / "jobs").glob("*.py"), *(REPO / "tune").glob("sweep_*.py")])
+
+
+@pytest.mark.parametrize("job", JOB_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_jobs_help_names_the_presets_there_are_and_only_its_own_flags(job, capsys, monkeypatch):
+    import runpy
+
+    from mavilt.config import list_presets
+
+    monkeypatch.setattr(sys, "argv", [str(job), "--help"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the job puts its checkout first
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(job), run_name="__main__")
+    text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and text.startswith(f"usage: {job.name} ")
+    if job.name != "evaluate.py":  # evaluation takes the bundle's own config (--set only)
+        assert f"preset name ({', '.join(list_presets())})" in text
+    flags = set(re.findall(r"--[a-z][a-z-]+", text))
+    if job.name == "stage1.py":
+        assert "--encoder-checkpoint" not in flags  # a stage-2-only input
+    if job.name == "evaluate.py":
+        assert {"--bundle", "--data", "--out"} <= flags
