@@ -228,7 +228,34 @@ def _read_each(paths: Sequence[Path], size: int) -> tuple[list[tuple[Path, Any]]
             skipped.append((str(p), f"cannot read image {p}: {e.reason}"))
             continue
         images.append((p, px))
+        _say_if_resized(p, size)
     return images, skipped
+
+
+def _say_if_resized(path: Path, size: int) -> None:
+    """With -v: an image far from the bundle's size is fine to resize, but say so (findings smaller than a few
+    of the bundle's pixels are lost on the way)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    try:
+        from mavilt.data.images import image_format
+
+        with open(path, "rb") as f:
+            kind = image_format(f.read(132))
+        if kind == "dicom":
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            h, w = int(ds.Rows), int(ds.Columns)  # numbers only: nothing else of the header is read out
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                w, h = im.size
+    except Exception:  # noqa: BLE001 - a detail for -v only
+        return
+    if max(h, w) >= 4 * size:
+        log.info("%s is %dx%d: resized to the bundle's %dx%d (%.0fx smaller)", path, w, h, size, size, max(h, w) / size)
 
 
 def _report_skipped(args: argparse.Namespace, skipped: list[tuple[str, str]]) -> None:
@@ -376,8 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # -v: the project's own detail (INFO); libraries keep to their warnings (no config dumps, no HTTP lines).
+    logging.getLogger("mavilt").setLevel(logging.INFO if args.verbose else logging.WARNING)
     quiet_environment(verbose=args.verbose, offline=True)
     try:
         status = COMMANDS[args.command](args) or 0

@@ -185,6 +185,12 @@ class Bundle:
         from mavilt.llm.tasks import VQA
 
         prompts = [VQA.prompt(self.vocab, self.codec, c.numpy(), q) for c, q in zip(codes, questions)]
+        ml = self.config.llm.max_length
+        for p, q in zip(prompts, questions):
+            if len(p) >= ml - 2:  # no room left for an answer within what the model was trained on
+                log.warning("the question (%d tokens) with the image's %d codes makes a %d-token prompt; the model "
+                            "was trained on sequences of at most %d: shorten the question, its answer is unreliable",
+                            len(self.codec.encode(q)), self.vocab.tokens_per_image, len(p), ml)
         out: list[dict[str, Any] | None] = [None] * len(prompts)
         closed = [i for i, ch in enumerate(choices) if ch]
         if closed:

@@ -134,7 +134,8 @@ def quiet_environment(verbose: bool = False, offline: bool = False) -> None:
     ``offline`` (a bundle is always local) never a request to a hub."""
     if offline:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    # Verbose means the project's own detail: transformers' INFO is a dump of every model config it loads.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if verbose else "error")
     if not verbose:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -163,6 +164,8 @@ def quiet_libraries(verbose: bool = False) -> None:
         if not verbose:
             transformers.utils.logging.disable_progress_bar()
             transformers.utils.logging.set_verbosity_error()
+        else:
+            transformers.utils.logging.set_verbosity_warning()
     except ImportError:
         pass
 

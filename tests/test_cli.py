@@ -186,6 +186,10 @@ def test_warnings_where_the_model_cannot_do_what_was_asked(world, tmp_path, caps
     rc, _, _ = run_main(capsys, "report", world["png"], "--bundle", world["bundle"], "--section", "impression",
                         "--max-new-tokens", "4")
     assert rc == 0 and any("was never trained" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    rc, _, _ = run_main(capsys, "vqa", world["png"], "Is there " + "a large " * 26 + "effusion?", "--choices",
+                        "yes,no", "--bundle", world["bundle"])
+    assert rc == 0 and any("shorten the question" in r.getMessage() for r in caplog.records)
 
 
 def test_an_unknown_option_shows_the_subcommands_usage(world, capsys):
