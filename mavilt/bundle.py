@@ -164,12 +164,13 @@ class Bundle:
         g = self._gen(overrides)
         ml = self.config.llm.max_length
         budget = SYNTHESIZE.text_budget(self.vocab, self.codec, ml)
-        for t in texts:
-            n = len(self.codec.encode(t))
-            if n > budget:  # the model draws from what fits: say how much of the text it never saw
-                log.warning("the report text has %d tokens and the model's context (llm.max_length %d, %d of it "
-                            "image codes) leaves room for %d: the last %d tokens (about %d%% of the text) are not used",
-                            n, ml, self.vocab.tokens_per_image, budget, n - budget, round(100 * (n - budget) / n))
+        over = [n for n in (len(self.codec.encode(t)) for t in texts) if n > budget]
+        if over:  # the model draws from what fits: say how much of the text it never saw (one line per call)
+            n = max(over)
+            which = "the report text has" if len(texts) == 1 else f"{len(over)} of {len(texts)} report texts have up to"
+            log.warning("%s %d tokens and the model's context (llm.max_length %d, %d of it image codes) leaves room "
+                        "for %d: the last %d tokens (about %d%% of the text) are not used", which, n, ml,
+                        self.vocab.tokens_per_image, budget, n - budget, round(100 * (n - budget) / n))
         prompts = [SYNTHESIZE.prompt(self.vocab, self.codec, t, max_length=ml) for t in texts]
         uncond = [SYNTHESIZE.prompt(self.vocab, self.codec, None, max_length=ml) for _ in texts]
         return generate_image_codes(self.llm, self.vocab, prompts, uncond_prompts=uncond, cfg_scale=g.cfg_scale,
