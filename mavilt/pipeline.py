@@ -184,8 +184,13 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
         write_json(StepOutput(out).result, line)
         seconds = time.perf_counter() - t0
         results[step.name] = result
-        summary.append((step.name, "ran", seconds, result))
         progress(json.dumps(line))
+        not_needed = (result.get("metrics") or {}).get("not_needed")
+        if not_needed:  # a step that does not apply to this config (text pretraining for a real LM)
+            summary.append((step.name, "not needed", seconds, result))
+            progress(f"[{i}/{len(steps)}] {step.name}: not needed: {not_needed}")
+            continue
+        summary.append((step.name, "ran", seconds, result))
         progress(f"[{i}/{len(steps)}] {step.name}: finished in {seconds:.0f} s")
     total = time.perf_counter() - t_all
     table = _summary_table(summary, total)
@@ -237,6 +242,8 @@ def _headline(name: str, result: dict[str, Any]) -> str:
     from mavilt.eval.evaluate import evaluate_headline
 
     m = result.get("metrics", {})
+    if m.get("not_needed"):
+        return str(m["not_needed"])
     if name == "evaluate":
         h = evaluate_headline(m)
         found = {"F1 micro-14": h.get("f1_micro_14"), "BLEU-4": h.get("BLEU-4"), "VQA acc": h.get("vqa_accuracy"),

@@ -114,3 +114,17 @@ def test_the_pipeline_takes_a_csv_source_or_a_prepared_dataset(micro_run, tmp_pa
         run_pipeline(load_config("micro"), tmp_path / "x", source=DataSource("csv", str(table), prepared["output"]))
     with pytest.raises(Exception, match="needs --root"):
         run_pipeline(load_config("micro"), tmp_path / "x", source=DataSource("iu-xray"))
+
+
+def test_a_step_that_does_not_apply_says_so(micro_run, tmp_path):
+    """With a pretrained LM (llm.base), text pretraining is not needed: the run says so instead of running it."""
+    from mavilt.pipeline import STEPS, DataSource, run_pipeline
+
+    run_dir, _ = micro_run
+    prepared = json.loads((run_dir / "prepare" / "result.json").read_text())["output"]
+    steps = [s for s in STEPS if s.name in ("prepare", "pretrain_text")]
+    out = run_pipeline(load_config("micro", [f"llm.base={tmp_path / 'my-1b'}"]), tmp_path / "real-lm", steps=steps,
+                       source=DataSource(data=prepared))
+    assert out["metrics"]["steps"]["pretrain_text"]["status"] == "not needed"
+    line = json.loads((tmp_path / "real-lm" / "pretrain_text" / "result.json").read_text())
+    assert line["checkpoint"] is None and "needs no text pretraining" in line["metrics"]["not_needed"]

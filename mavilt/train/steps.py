@@ -168,7 +168,9 @@ def run_pretrain_text(cfg: Config, data: str | Path, storage: str | Path, name: 
     corpus = {"train_documents": len(train_texts), "heldout_documents": len(heldout)}
     h = config_hash([cfg.to_dict()["llm"], cfg.to_dict()[job], str(data), corpus])
     if cfg.llm.base != "tiny":
-        return finish(job, out.root, None, {**corpus, "base": cfg.llm.base, "skipped": 1}, h)
+        reason = f"llm.base is a pretrained LM ({cfg.llm.base}): it needs no text pretraining; stage 1 starts from it"
+        log.info("%s: not needed, %s", job, reason)
+        return finish(job, out.root, None, {**corpus, "base": cfg.llm.base, "skipped": 1, "not_needed": reason}, h)
     if tc.max_steps <= 0:
         raise ConfigError("the tiny LM must be pretrained: set pretrain_text.max_steps > 0")
     if not (out.text_tokenizer / HF_TOKENIZER).is_file():  # written last: a tokenizer with it is whole
