@@ -114,7 +114,8 @@ def test_a_training_job_prints_exactly_its_result_line_on_stdout(prepared, tmp_p
     assert [f"[encoder] step {i}/4" in p.stderr for i in range(1, 5)] == [True] * 4
     # No Ray internals, deprecation noise or progress-bar notices in what a person watches.
     noise = [line for line in p.stderr.splitlines()
-             if re.search(r"core_worker\.cc|DeprecationWarning|FutureWarning|Progress bars disabled|logging_progress", line)]
+             if re.search(r"core_worker\.cc|DeprecationWarning|FutureWarning|Progress bars disabled|logging_progress|"
+                          r"(?i:token authentication)|RAY_AUTH_MODE", line)]
     assert not noise, noise
 
 

@@ -91,22 +91,25 @@ def export_as_csv_source(data: Path, root: Path) -> Path:
 
 
 def test_the_pipeline_takes_a_csv_source_or_a_prepared_dataset(micro_run, tmp_path):
-    """The chain's first steps on a user's CSV (a micro run's images and reports written out as PNG + CSV), and
-    a run on a dataset prepared earlier (`--data`), which it uses as it is."""
+    """The whole chain on a user's CSV (a micro run's images and reports written out as PNG + CSV, the micro
+    preset cut to two steps per training step), and a run on a dataset prepared earlier (`--data`), used as it is."""
     from mavilt.pipeline import STEPS, DataSource, run_pipeline
 
     run_dir, _ = micro_run
     prepared = json.loads((run_dir / "prepare" / "result.json").read_text())
     table = export_as_csv_source(Path(prepared["output"]), tmp_path / "mine")
-    first = [s for s in STEPS if s.name in ("prepare", "encoder")]
-    out = run_pipeline(load_config("micro"), tmp_path / "csv", steps=first, source=DataSource("csv", str(table)))
+    short = [f"{s}.{k}=2" for s in ("encoder", "vqgan", "pretrain_text", "stage1", "stage2")
+             for k in ("max_steps", "eval_every")] + ["eval.limit=16"]
+    out = run_pipeline(load_config("micro", short), tmp_path / "csv", source=DataSource("csv", str(table)))
+    assert {s["status"] for s in out["metrics"]["steps"].values()} == {"ran"}
     prep = json.loads((tmp_path / "csv" / "prepare" / "result.json").read_text())
     assert prep["metrics"]["counts"] == prepared["metrics"]["counts"] and prep["metrics"]["skipped_total"] == 0
-    assert out["metrics"]["steps"]["encoder"]["status"] == "ran"
-    assert Path(json.loads((tmp_path / "csv" / "encoder" / "result.json").read_text())["checkpoint"]).is_dir()
+    bundle = json.loads((tmp_path / "csv" / "stage2" / "result.json").read_text())["checkpoint"]
+    assert (Path(bundle) / "mavilt.json").is_file()
+    assert (tmp_path / "csv" / "evaluate" / "report.md").is_file()  # no VQA in a CSV: the other tasks scored
 
-    given = run_pipeline(load_config("micro"), tmp_path / "given", steps=first[:1],
-                         source=DataSource(data=prepared["output"]))
+    first = [s for s in STEPS if s.name == "prepare"]
+    given = run_pipeline(load_config("micro"), tmp_path / "given", steps=first, source=DataSource(data=prepared["output"]))
     result = json.loads((tmp_path / "given" / "prepare" / "result.json").read_text())
     assert result["output"] == prepared["output"] and result["metrics"]["given"] == 1
     assert given["metrics"]["steps"]["prepare"]["status"] == "ran"
