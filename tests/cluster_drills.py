@@ -115,8 +115,7 @@ def main(spec_file: str) -> None:
     time.sleep(2 * spec["poll_s"])  # the controller has collected the report of the checkpoint before it
     cluster.remove_node(node_a, allow_graceful=False)
     result["removed_at"] = time.time()
-    result["removed_after_step"] = max(_steps_logged(history))  # read once nothing on A can log any more
-    mark(f"node A removed after step {result['removed_after_step']}")
+    mark(f"node A removed after step {max(_steps_logged(history))} was logged")
     time.sleep(spec["replacement_after_s"])
     node_b = cluster.add_node(num_cpus=2)
     result["added_at"] = time.time()
@@ -126,6 +125,10 @@ def main(spec_file: str) -> None:
     if not outcome:
         raise SystemExit("node_loss did not finish")
     result["node_loss"] = outcome
+    # A's workers may still log a step or two while their raylet is torn down, so the last step of
+    # attempt 1 is read once the run is over, not when remove_node returns.
+    result["removed_after_step"] = int(max(r["step"] for r in map(json.loads, history.read_text().splitlines())
+                                       if r.get("attempt") == 1 and "step" in r))
     for a in _attempts(history):
         mark(f"node_loss: attempt {a['attempt']} ranks on nodes {a['nodes']}, from step {a['resumed_from_step']}")
     result["timeline"] = timeline
