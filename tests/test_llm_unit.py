@@ -331,6 +331,70 @@ def test_reports_contain_text_ids_only(small):
             m.get_output_embeddings().weight[v.text_vocab_size:] /= 50
 
 
+def _hf_only(monkeypatch):
+    """Make the decoding functions take the Hugging Face path (what any non-Llama architecture gets)."""
+    import mavilt.llm.generate as generate
+
+    monkeypatch.setattr(generate.LlamaDecoder, "supports", staticmethod(lambda model: False))
+
+
+@pytest.mark.parametrize("shape", [{}, {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True}])
+def test_the_lean_decoder_gives_the_hugging_face_logits_at_every_step(shape):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mavilt.llm.decode import LlamaDecoder
+    from mavilt.llm.generate import left_pad
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=64, **({"num_key_value_heads": 4} | shape))
+    model = LlamaForCausalLM(cfg).eval()
+    assert LlamaDecoder.supports(model)
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]  # left padding of 0, 3 and 2
+    ids, mask = left_pad(prompts, 0)
+    dec = LlamaDecoder(model, 3, ids.shape[1] + 2)
+    hidden = dec.prefill(ids, mask)
+    seq, m = ids, mask
+    for new in ([13, 14, 15], [16, 17, 18], None):
+        with torch.no_grad():
+            ref = model(input_ids=seq, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        assert torch.allclose(dec.logits(hidden, 0, 50), ref, atol=1e-5)
+        assert torch.allclose(dec.logits(hidden, 20, 30), ref[:, 20:30], atol=1e-5)  # only the ids asked for
+        if new is None:
+            break
+        t = torch.tensor(new)
+        hidden = dec.step(t)
+        seq, m = torch.cat([seq, t[:, None]], 1), torch.cat([m, torch.ones(3, 1, dtype=m.dtype)], 1)
+    with pytest.raises(ValueError, match="capacity"):
+        dec.step(torch.tensor([1, 2, 3]))
+
+
+def test_the_lean_decoder_declines_what_it_does_not_know(small):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mavilt.llm.decode import LlamaDecoder
+
+    assert not LlamaDecoder.supports(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40)))
+    lora = get_peft_model(build_tiny_lm(small["cfg"].llm, small["tok"]), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not LlamaDecoder.supports(lora)
+
+
+def test_lean_and_hugging_face_decoding_choose_the_same_ids(small, monkeypatch):
+    m, v, codec = small["model"], small["vocab"], small["codec"]
+    prompts = [SYNTHESIZE.prompt(v, codec, t) for t in (TEXTS[0], TEXTS[1] + " " + TEXTS[2], TEXTS[3])]
+    unc = [SYNTHESIZE.prompt(v, codec, None)] * 3
+    reports = [REPORT.prompt(v, codec, np.arange(16) % 32), REPORT.prompt(v, codec, (np.arange(16) * 7) % 32)]
+    settings = ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 5, "cfg_scale": 3.0, "uncond_prompts": unc})
+    lean = [generate_image_codes(m, v, prompts, seed=4, **kw) for kw in settings]
+    lean_text = generate_text(m, v, reports, max_new_tokens=12)
+    _hf_only(monkeypatch)
+    for got, kw in zip(lean, settings):
+        assert torch.equal(got, generate_image_codes(m, v, prompts, seed=4, **kw))
+    assert lean_text == generate_text(m, v, reports, max_new_tokens=12)
+    assert all(len(x) > 0 for x in lean_text)
+
+
 def test_closed_vqa_probabilities_sum_to_one(small):
     m, v, codec = small["model"], small["vocab"], small["codec"]
     prompts = [VQA.prompt(v, codec, np.arange(16) % 32, "Which side?")] * 2

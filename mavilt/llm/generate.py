@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mavilt.llm.decode import LlamaDecoder
 from mavilt.llm.vocab import JointVocab
 
 
@@ -75,10 +76,13 @@ def generate_text(
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    if num_beams == 1 and not do_sample and LlamaDecoder.supports(model):
+        new = _greedy_text_lean(model, vocab, ids, mask, max_new_tokens)
+    else:
+        new = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, ids.shape[1]:]
     model.train(was_training)
     results = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in new.tolist():
         text = []
         for t in row:
             if t in (vocab.eos_id, vocab.pad_id):
@@ -86,6 +90,23 @@ def generate_text(
             text.append(t)
         results.append(text)
     return results
+
+
+def _greedy_text_lean(model, vocab: JointVocab, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding over the text ids on :class:`LlamaDecoder` (what ``generate`` does with the image ids
+    suppressed), stopping once every row has written eos. Returns the new ids [B, <= max_new_tokens]."""
+    dec = LlamaDecoder(model, ids.shape[0], ids.shape[1] + max_new_tokens)
+    hidden = dec.prefill(ids, mask)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    out = []
+    for step in range(max_new_tokens):
+        token = dec.logits(hidden, 0, vocab.text_vocab_size).argmax(-1).masked_fill(done, vocab.pad_id)
+        out.append(token)
+        done |= token == vocab.eos_id
+        if step + 1 == max_new_tokens or bool(done.all()):
+            break
+        hidden = dec.step(token)
+    return torch.stack(out, dim=1) if out else ids.new_zeros(ids.shape[0], 0)
 
 
 # ---- images ----------------------------------------------------------------------------------------------
@@ -150,7 +171,6 @@ def generate_image_codes(
         all_prompts = list(prompts)
     dev = _device(model)
     ids, mask = left_pad(all_prompts, vocab.pad_id, dev)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(x) for x in seed]
     if len(seeds) != b:
         raise ValueError(f"one seed per prompt: got {len(seeds)} seeds for {b} prompts")
@@ -158,28 +178,54 @@ def generate_image_codes(
     draws = torch.stack([torch.rand(vocab.tokens_per_image, generator=torch.Generator().manual_seed(x))
                          for x in seeds]).to(dev)
     lo, hi = vocab.first_image_id, vocab.first_image_id + vocab.codebook_size
+    n = vocab.tokens_per_image
     was_training = model.training
     model.eval()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+
+    def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
+        """logits [B or 2B, K] over the image ids -> each prompt's code [B] (guided: u + s * (c - u))."""
+        if guided:
+            logits = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
+        return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=draws[:, step])
+
+    loop = _image_codes_lean if LlamaDecoder.supports(model) else _image_codes_hf
+    codes = loop(model, ids, mask, lo, hi, n, choose)
+    model.train(was_training)
+    return codes.cpu()
+
+
+def _image_codes_lean(model, ids, mask, lo: int, hi: int, n: int, choose) -> torch.Tensor:
+    """The decode loop on :class:`LlamaDecoder`: logits over the K image ids only, the cache written in place."""
+    dec = LlamaDecoder(model, ids.shape[0], ids.shape[1] + n)
+    hidden = dec.prefill(ids, mask)
+    codes = []
+    for step in range(n):
+        code = choose(dec.logits(hidden, lo, hi), step)
+        codes.append(code)
+        if step + 1 < n:  # the last code needs no forward: the caller closes the span with <eoi>
+            hidden = dec.step((code + lo).repeat(ids.shape[0] // code.shape[0]))  # guided: both halves go on alike
+    return torch.stack(codes, dim=1)
+
+
+def _image_codes_hf(model, ids, mask, lo: int, hi: int, n: int, choose) -> torch.Tensor:
+    """The same loop on the Hugging Face forward and its cache, for any other architecture."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_arg = _cache_arg(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = _cache_of(out)
     last_pos = positions[:, -1:]
     codes = []
-    for step in range(vocab.tokens_per_image):
-        logits = out.logits[:, -1, lo:hi].float()  # only image ids can be chosen
-        if guided:
-            cond, uncond = logits[:b], logits[b:]
-            logits = uncond + cfg_scale * (cond - uncond)
-        code = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=draws[:, step])
+    for step in range(n):
+        code = choose(out.logits[:, -1, lo:hi].float(), step)  # only image ids can be chosen
         codes.append(code)
-        nxt = (code + lo).unsqueeze(-1)
-        if guided:
-            nxt = torch.cat([nxt, nxt])  # both halves continue with the guided choice
+        if step + 1 == n:
+            break
+        nxt = (code + lo).unsqueeze(-1).repeat(ids.shape[0] // code.shape[0], 1)  # guided: both halves go on alike
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=-1)
         last_pos = last_pos + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=last_pos, use_cache=True, **{_cache_arg(model): cache})
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=last_pos, use_cache=True, **{cache_arg: cache})
         cache = _cache_of(out)
-    model.train(was_training)
-    return torch.stack(codes, dim=1).cpu()
+    return torch.stack(codes, dim=1)
 
 
 def _cache_arg(model: torch.nn.Module) -> str:
