@@ -10,7 +10,7 @@ IU_REPORTS := $(CACHE)/iu_xray/ecgen-radiology
 TXV_WHEEL := torchxrayvision==1.5.7
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench lock clean
+.PHONY: setup demo test test-all bench gpu-wheels lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,21 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/prepare.py
+
+# Wheels for benchmarks/gpu.sh on a GPU machine with no network (Python 3.12, x86-64, its own torch and
+# transformers): DeepSpeed and the VQ-GAN's vector-quantize-pytorch, with what they need beyond that machine's
+# packages, at the lock file's versions. One version of each: a second would stop the install there.
+GPU_WHEEL_DEPS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions \
+	vector-quantize-pytorch einx frozendict loguru torch-einops-utils einops
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -c constraints.txt -d .whl $(GPU_WHEEL_DEPS)
+	@# DeepSpeed ships only an sdist: build a pure-Python wheel, no ops (the engine uses a torch optimizer).
+	DS_BUILD_OPS=0 $(PIP) wheel --quiet --no-deps --no-build-isolation -c constraints.txt -w .whl deepspeed
+	@ls .whl; du -ch .whl/*.whl | tail -1
 
 # Rewrite the lock file from the current environment (after changing pyproject.toml).
 lock: $(STAMP)
