@@ -46,8 +46,9 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
+# The CPU benchmarks (about 10 minutes): benchmarks/RESULTS.md and the README's table. Not part of `make test`.
 bench: setup
-	$(PY) benchmarks/prepare.py
+	$(PY) benchmarks/run_all.py
 
 # Wheels for benchmarks/gpu.sh on a GPU machine with no network (Python 3.12, x86-64, its own torch and
 # transformers): DeepSpeed and the VQ-GAN's vector-quantize-pytorch, with what they need beyond that machine's

@@ -33,7 +33,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], int]] = {
     "training": ("training.py", [], 200),
     "data": ("data.py", ["--quick"], 90),
     "memory": ("memory.py", ["--quick"], 120),
-    "startup": ("startup.py", ["--quick"], 60),
+    "startup": ("startup.py", ["--quick"], 90),
     "prepare_dicom": ("prepare.py", ["--num", "48", "--height", "1024", "--width", "1024"], 90),
 }
 ORDER = ["generation", "training", "data", "startup", "memory", "prepare_dicom"]
