@@ -94,6 +94,19 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, repeat: int = 3, warmup: i
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def training_flops_per_token(model: Any, seq_len: float, head_fraction: float = 1.0) -> float:
+    """The FLOPs a token costs in training: 6 x the parameters of every Linear it passes (the output head only
+    at the ``head_fraction`` of tokens it runs for; the input embedding is a lookup) plus attention's
+    12 x layers x width x sequence length (forward QK^T and AV, and their backward)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    in_head = {id(m) for m in head.modules()}  # a PEFT wrapper's base layer is the head too
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in in_head)
+    c = model.config
+    return 6 * (body + head_fraction * head.weight.numel()) + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+
+
 def fmt(x: float, unit: str = "") -> str:
     """A figure with three significant digits and its unit."""
     if x == 0:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, fmt, result  # noqa: E402
+from common import Row, fmt, result, training_flops_per_token  # noqa: E402
 
 if TYPE_CHECKING:
     from mavilt.config import Config
@@ -193,8 +193,7 @@ def train_stage2(cfg: Config, plan: Plan, tok: Any, vocab: JointVocab,
     from mavilt.llm.sequences import TextCodec, collate
     from mavilt.llm.stages import STAGE2
     from mavilt.train.engine import make_engine
-    from mavilt.train.llm_loop import masked_lm_loss
-    from mavilt.train.worker import autocast
+    from mavilt.train.llm_loop import ScoredHead, scored_positions, train_step
 
     tc = cfg.stage2
     dev = plan.device
@@ -215,20 +214,21 @@ def train_stage2(cfg: Config, plan: Plan, tok: Any, vocab: JointVocab,
     data = LLMData(STAGE2, tc, cfg.llm.max_length, vocab, TextCodec(tok), rank=0, train_rows=rows, val_rows=None,
                    heldout_rows=None, agree_min=lambda n: n)
 
+    head = ScoredHead(eng.module())
+    scored = 0
+
     def step(k: int) -> tuple[int, int, float]:
+        nonlocal scored
         batch = collate(data.batch_for_step(k), vocab.pad_id)
-        ids, attn, labels = (batch[key].to(dev) for key in ("input_ids", "attention_mask", "labels"))
-        with autocast(dev):
-            logits = eng.forward(input_ids=ids, attention_mask=attn).logits
-        loss, _ = masked_lm_loss(logits.float(), labels, batch["tasks"])
-        eng.step(loss, reg)
-        return int(attn.sum()), ids.shape[0], float(loss.detach())
+        loss, _, _ = train_step(eng, head, reg, batch, dev)  # the loop's own step
+        scored += int(scored_positions(batch["labels"]).sum())
+        return int(batch["attention_mask"].sum()), len(batch["tasks"]), float(loss.detach())
 
     eng.module().train()
     for k in range(1, plan.warmup_steps + 1):
         step(k)
     sync(dev)
-    tokens = seqs = 0
+    tokens = seqs = scored = 0
     t = time.perf_counter()
     for k in range(plan.warmup_steps + 1, plan.warmup_steps + plan.steps + 1):
         n_tok, n_seq, loss = step(k)
@@ -240,7 +240,7 @@ def train_stage2(cfg: Config, plan: Plan, tok: Any, vocab: JointVocab,
     total = sum(p.numel() for p in module.parameters())
     matmul = total - module.get_input_embeddings().weight.numel()
     seq_len = tokens / seqs
-    flops_per_token = 6 * matmul + 12 * cfg.llm.num_layers * cfg.llm.hidden_size * seq_len
+    flops_per_token = training_flops_per_token(module, seq_len, scored / tokens)  # the head where it runs
     figures = TrainFigures(tokens / seconds, seconds / plan.steps, seq_len, matmul, total, flops_per_token, loss)
     del eng, reg, data
     return figures, module

@@ -456,3 +456,40 @@ def test_a_sweep_trials_validation_is_a_fixed_subset_of_studies_without_the_imag
     assert {"report", "synthesize", "vqa", HELDOUT} <= set(trial)
     assert set(full) - set(trial) == {f"report{SHUFFLED}", f"vqa{SHUFFLED}"}  # the image-conditioned tasks
     assert sum(len(b) for b in trial["report"]) == 6 * cfg.stage2.task_weights["report"]  # drawn from the kept images
+
+
+# ---- the training step's scored head -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_the_head_at_scored_positions_gives_the_same_loss_and_gradients(small, finetune):
+    import contextlib
+
+    from mavilt.train.llm_loop import ScoredHead, masked_lm_loss, scored_positions
+
+    v = small["vocab"]
+    batch = collate([task_example(small, t, row()) for t in ("report", "synthesize", "vqa")], v.pad_id)
+    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    keep = scored_positions(labels)
+    assert keep[:, :-1].eq(labels[:, 1:] != IGNORE).all() and not keep[:, -1].any()
+
+    def loss_and_grads(scored: bool):
+        torch.manual_seed(0)
+        model = build_tiny_lm(small["cfg"].llm, small["tok"])
+        extend_vocabulary(model, v, seed=0)
+        if finetune == "lora":
+            model = apply_finetune_mode(model, load_config("tiny", ["llm.finetune=lora"]).llm, v)
+        head = ScoredHead(model)
+        with head.scoring(labels) if scored else contextlib.nullcontext() as k:
+            logits = model(input_ids=ids, attention_mask=attn).logits
+        loss, per_task = masked_lm_loss(logits.float(), labels, batch["tasks"], k)
+        loss.backward()
+        return logits.shape, loss, per_task, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    shape, loss, per_task, grads = loss_and_grads(True)
+    full_shape, full_loss, full_per_task, full_grads = loss_and_grads(False)
+    assert shape == (int(keep.sum()), v.size) and full_shape == (*ids.shape, v.size)
+    assert torch.equal(loss, full_loss) and per_task == full_per_task  # each token's loss computed alike
+    assert grads.keys() == full_grads.keys()
+    for n in grads:
+        assert torch.allclose(grads[n], full_grads[n], atol=1e-6, rtol=1e-5), n

@@ -8,6 +8,7 @@ pass, the masked loss on response tokens, ``engine.step`` (backward, lambda_reg,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from mavilt.data.shards import first_studies
 from mavilt.llm.checkpoint import build_starting_model, save_model_parts
 from mavilt.llm.data import HELDOUT, SHUFFLED, LLMData
 from mavilt.llm.regularization import Regularizer
-from mavilt.llm.sequences import TextCodec, collate
+from mavilt.llm.sequences import IGNORE, TextCodec, collate
 from mavilt.llm.stages import get_stage
 from mavilt.train.checkpoint import (latest_checkpoint_dir, load_train_state, log_progress, report, report_finished,
                                     save_train_files, start_tracking)
@@ -55,6 +56,7 @@ def llm_loop(inputs: LLMInputs) -> None:
     bf16 = cfg.llm.dtype == "bfloat16" and w.device.type == "cuda"
     engine = make_engine(model, tc, world_size=w.world_size, device=w.device, use_gpu=cfg.compute.use_gpu, bf16=bf16)
     reg = Regularizer(engine.module(), start_from.theta0, tc.lambda_reg) if stage.regularized else None
+    head = ScoredHead(engine.module())
 
     start, state = 0, None
     with latest_checkpoint_dir() as ckpt:
@@ -95,13 +97,9 @@ def llm_loop(inputs: LLMInputs) -> None:
     engine.module().train()
     for step in range(start + 1, tc.max_steps + 1):
         batch = collate(data.batch_for_step(step), vocab.pad_id)
-        ids, attn, labels = (batch[k].to(w.device) for k in ("input_ids", "attention_mask", "labels"))
-        with autocast(w.device):
-            logits = engine.forward(input_ids=ids, attention_mask=attn).logits
-        loss, per_task = masked_lm_loss(logits.float(), labels, batch["tasks"])
-        grad_norm = engine.step(loss, reg)
+        loss, per_task, grad_norm = train_step(engine, head, reg, batch, w.device)
 
-        tokens += int(attn.sum())
+        tokens += int(batch["attention_mask"].sum())
         for k, v in {"loss": float(loss.detach()), **{f"loss/{t}": v for t, v in per_task.items()},
                      "grad_norm": grad_norm}.items():
             running.setdefault(k, []).append(v)
@@ -113,7 +111,7 @@ def llm_loop(inputs: LLMInputs) -> None:
             if reg is not None:
                 metrics.update(reg.metrics())
             if validate:
-                metrics.update(evaluate_llm(engine, data, vocab.pad_id, w))
+                metrics.update(evaluate_llm(engine, data, vocab.pad_id, w, head=head))
                 if step == tc.max_steps and inputs.report_f1_studies and w.is_main:
                     metrics["clinical_f1"] = validation_report_f1(engine.module(), stage, vocab, codec,
                                                                   all_val, inputs.report_f1_studies, tc.report_section,
@@ -129,6 +127,18 @@ def llm_loop(inputs: LLMInputs) -> None:
                 log_progress(metrics, tracker)
         kill_if_drilled(inputs, w, step)
     tracker.close()
+
+
+def train_step(engine, head: ScoredHead, reg: Regularizer | None, batch: dict[str, Any],
+               device: torch.device) -> tuple[torch.Tensor, dict[str, float], float]:
+    """One optimisation step on a collated batch: the forward (the head at scored positions only), the masked
+    loss, then ``engine.step`` (backward, lambda_reg, clip, optimizer). Returns (loss, per-task losses, grad
+    norm). The loop's step, also run bare by the benchmarks."""
+    ids, attn, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    with autocast(device), head.scoring(labels) as keep:
+        logits = engine.forward(input_ids=ids, attention_mask=attn).logits
+    loss, per_task = masked_lm_loss(logits.float(), labels, batch["tasks"], keep)
+    return loss, per_task, engine.step(loss, reg)
 
 
 def _rows(name: str) -> list[dict[str, Any]] | None:
@@ -148,13 +158,54 @@ def _slice(rows: list[dict[str, Any]] | None, w: Worker) -> list[dict[str, Any]]
     return None if rows is None else rows[w.rank :: w.world_size]
 
 
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean cross-entropy over response tokens, and the same per task (for the logs)."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    per_tok = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
-    per_tok = per_tok.view(labels.shape[0], -1)
-    mask = (labels[:, 1:] != -100).float()
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] True where the loss scores the next token (a response token follows)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+class ScoredHead:
+    """The output head run only at the positions the loss scores.
+
+    The head over the whole joint vocabulary is about a quarter of the tiny model's matrix work, and most
+    positions of a stage-2 batch are prompt (the image codes a report is read from, the report an image is
+    drawn from, the question), never scored. A forward pre-hook on the head module hands it the scored
+    positions' hidden states only, so the model's forward returns logits [M, V] for those M positions. A hook
+    rather than a new module: parameter names, checkpoints, DDP's gradient hooks, ZeRO-3's gathering and a
+    PEFT wrapper around the head are all untouched; outside :meth:`scoring` the model is unchanged."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.keep: torch.Tensor | None = None
+        model.get_output_embeddings().register_forward_pre_hook(self._select)
+
+    def _select(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        return None if self.keep is None else (args[0][self.keep], *args[1:])
+
+    @contextlib.contextmanager
+    def scoring(self, labels: torch.Tensor):
+        """Within it, the model's forward scores only ``scored_positions(labels)`` (yielded)."""
+        self.keep = scored_positions(labels)
+        try:
+            yield self.keep
+        finally:
+            self.keep = None
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str],
+                   keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-mean cross-entropy over response tokens, and the same per task (for the logs).
+
+    ``logits``: [B, T, V] over every position, or [M, V] at the positions ``keep`` marks (:class:`ScoredHead`).
+    Either way each token's loss is computed alike and summed in the same order, so both give the same loss."""
+    mask = (labels[:, 1:] != IGNORE).float()
+    if keep is None:
+        per_tok = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                    ignore_index=IGNORE, reduction="none").view(labels.shape[0], -1)
+    else:
+        scored = keep[:, :-1]
+        per_tok = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device)
+        per_tok[scored] = torch.nn.functional.cross_entropy(logits, labels[:, 1:][scored], reduction="none")
     loss = (per_tok * mask).sum() / mask.sum().clamp(min=1)
     per_task: dict[str, float] = {}
     with torch.no_grad():
@@ -166,7 +217,8 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str])
 
 
 @torch.no_grad()
-def evaluate_llm(engine, data: LLMData, pad_id: int, w: Worker, only: tuple[str, ...] | None = None) -> dict[str, float]:
+def evaluate_llm(engine, data: LLMData, pad_id: int, w: Worker, only: tuple[str, ...] | None = None,
+                 head: ScoredHead | None = None) -> dict[str, float]:
     """Validation loss per task and held-out text perplexity, summed over ranks; ``image_gain/<task>``: how
     much worse the task's loss is with another study's image.
 
@@ -188,14 +240,16 @@ def evaluate_llm(engine, data: LLMData, pad_id: int, w: Worker, only: tuple[str,
             real = i < len(batches)
             b = collate(batches[i] if real else (batches[0] if batches else data.dummy_batch()), pad_id)
             ids, attn, labels = (b[k].to(w.device) for k in ("input_ids", "attention_mask", "labels"))
-            with autocast(w.device):
+            with autocast(w.device), (head.scoring(labels) if head else contextlib.nullcontext()) as keep:
                 logits = engine.forward(input_ids=ids, attention_mask=attn).logits.float()
-            ce = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-            )
+            if keep is None:
+                logits, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+            else:
+                targets = labels[:, 1:][keep[:, :-1]]
+            ce = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
             if real:
                 loss_sum += float(ce)
-                tok_sum += float((labels[:, 1:] != -100).sum())
+                tok_sum += float((labels[:, 1:] != IGNORE).sum())
         loss_sum, tok_sum = all_reduce([loss_sum, tok_sum])
         if tok_sum > 0:
             out[f"val_loss/{name}"] = loss_sum / tok_sum
