@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import shutil
@@ -22,6 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Row, fmt  # noqa: E402
+from common import result as report_result  # noqa: E402
 
 log = logging.getLogger("benchmarks.prepare")
 
@@ -173,8 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
             "load_avg_after": [round(x, 2) for x in load_after],
             "cores": os.cpu_count(),
         }
-        print(json.dumps(result))
-        return result
+        rows = [Row("data", f"DICOM -> shard images/s ({args.height}x{args.width} 16-bit, VOI LUT -> {args.image_size} px)",
+                    fmt(result["ray_images_per_s"], "img/s"),
+                    f"single-process pydicom loop: {fmt(result['local_images_per_s'], 'img/s')}", result["ratio"],
+                    ">= 1.5x", result["ratio"] >= 1.5)]
+        details = (f"{n} DICOMs of {args.height}x{args.width} through Ray Data ({cpus} CPUs) in {t_ray:.1f} s against "
+                   f"one process in {t_local:.1f} s: {result['ratio']:.2f}x; identical shards: {same}.")
+        return report_result("prepare_dicom", rows, details, **{k: v for k, v in result.items() if k != "benchmark"})
     finally:
         if args.keep:
             log.info("kept %s", work)

@@ -32,7 +32,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], int]] = {
     "generation": ("generation.py", [], 150),
     "training": ("training.py", [], 200),
     "data": ("data.py", ["--quick"], 90),
-    "memory": ("memory.py", ["--quick"], 120),
+    "memory": ("memory.py", ["--quick"], 180),
     "startup": ("startup.py", ["--quick"], 90),
     "prepare_dicom": ("prepare.py", ["--num", "48", "--height", "1024", "--width", "1024"], 90),
 }
