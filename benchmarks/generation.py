@@ -59,9 +59,9 @@ def tiny_preset_bundle(out: Path) -> Path:
 class AnchorSynthesis:
     """LLM-CXR's way: ``generate`` per prompt, N new tokens, again until all N are image codes."""
 
-    def __init__(self, bundle, constrained: bool, max_tries: int = 50):
+    def __init__(self, bundle, constrained: bool, max_tries: int = 30):
         self.b, self.constrained, self.max_tries = bundle, constrained, max_tries
-        self.tries = 0
+        self.tries = self.failed = 0
 
     def __call__(self, prompts: list[list[int]], uncond: list[list[int]], cfg_scale: float, seed: int) -> list[list[int]]:
         from transformers import GenerationConfig
@@ -83,8 +83,8 @@ class AnchorSynthesis:
                 if len(new) == v.tokens_per_image and all(lo <= t < hi for t in new):
                     out.append([t - lo for t in new])
                     break
-            else:
-                raise SystemExit(f"the anchor found no image of {v.tokens_per_image} codes in {self.max_tries} tries")
+            else:  # LLM-CXR would go on trying; a cap keeps the benchmark's time bounded, and is counted
+                self.failed += 1
         return out
 
 
@@ -102,7 +102,7 @@ def synthesis(b, batches: list[int], repeat: int) -> tuple[list[Row], str, dict]
     from mavilt.llm.tasks import SYNTHESIZE
 
     v, g, ml = b.vocab, b.config.generate, b.config.llm.max_length
-    cfg = g.cfg_scale
+    cfg = g.cfg_scale  # the limit is measured as the bundle samples; against the anchor, without guidance
     # The unconstrained retry loop needs a model that has learnt to draw: an untrained one never writes N codes
     # in a row, so there the anchor gets the constraint too.
     probe = SYNTHESIZE.prompt(v, b.codec, TEXTS[0], max_length=ml)
@@ -116,24 +116,28 @@ def synthesis(b, batches: list[int], repeat: int) -> tuple[list[Row], str, dict]
         texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
         prompts = [SYNTHESIZE.prompt(v, b.codec, t, max_length=ml) for t in texts]
         uncond = [SYNTHESIZE.prompt(v, b.codec, None, max_length=ml) for _ in texts]
-        ours = lambda: generate_image_codes(b.llm, v, prompts, uncond_prompts=uncond, cfg_scale=cfg,  # noqa: E731
-                                            temperature=g.image_temperature, seed=0)
-        calls_before = anchor.tries
+        def ours(scale: float = 1.0):
+            return generate_image_codes(b.llm, v, prompts, uncond_prompts=uncond, cfg_scale=scale,
+                                        temperature=g.image_temperature, seed=0)
+
+        calls_before, failed_before = anchor.tries, anchor.failed
         # The anchor runs once per batch size: its retry loop makes it the slow side by far (its model calls
-        # are warm from the probe above).
-        t = {"ours": timed(ours, repeat=repeat), "anchor": timed(lambda: anchor(prompts, uncond, cfg, 0), repeat=1, warmup=0)}
-        tries = (anchor.tries - calls_before) / n
-        speedup = t["anchor"] / t["ours"]
-        table.append([n, fmt(n / t["ours"], "img/s"), fmt(n / t["anchor"], "img/s"), f"{tries:.1f}", f"{speedup:.1f}x"])
-        rows.append(Row("generation", f"synthesis images/s, batch {n}", fmt(n / t["ours"], "img/s"),
+        # are warm from the probe above). Its rate counts the images it did produce.
+        t = {"ours": timed(ours, repeat=repeat), "anchor": timed(lambda: anchor(prompts, uncond, 1.0, 0), repeat=1, warmup=0)}
+        tries, failed = (anchor.tries - calls_before) / n, anchor.failed - failed_before
+        anchor_rate = max(n - failed, 0.5) / t["anchor"]  # half an image when none came: a finite lower bound
+        speedup = (n / t["ours"]) / anchor_rate
+        table.append([n, fmt(n / t["ours"], "img/s"), fmt(anchor_rate, "img/s"), f"{tries:.1f}", failed, f"{speedup:.1f}x"])
+        rows.append(Row("generation", f"synthesis images/s, batch {n}, no guidance", fmt(n / t["ours"], "img/s"),
                         f"HF generate one at a time{' + retry' if not anchor.constrained else ''}: "
-                        f"{fmt(n / t['anchor'], 'img/s')}", speedup, "", None))
+                        f"{fmt(anchor_rate, 'img/s')}", speedup, "", None))
         if n == max(batches):
-            codes = ours()
+            guided = lambda: ours(cfg)  # noqa: E731
+            codes = guided()
             full = [list(p) + (c + v.first_image_id).tolist() for p, c in zip(prompts, codes)]
             full_u = [list(u) + (c + v.first_image_id).tolist() for u, c in zip(uncond, codes)]
             with torch.no_grad():
-                f = interleaved({"decode": ours, "forward_2b": teacher_forced(b.llm, full + full_u, v.pad_id),
+                f = interleaved({"decode": guided, "forward_2b": teacher_forced(b.llm, full + full_u, v.pad_id),
                                  "forward_b": teacher_forced(b.llm, full, v.pad_id)}, repeat=repeat + 2)
             limit = {"batch": n, "decode_s": f["decode"], "forward_2b_s": f["forward_2b"], "forward_b_s": f["forward_b"]}
     n = limit["batch"]
@@ -143,12 +147,15 @@ def synthesis(b, batches: list[int], repeat: int) -> tuple[list[Row], str, dict]
                     ratio, "<= 2x", ratio <= 2.0))
     rows.append(Row("generation", f"synthesis decode / forward over the {n} conditional rows only",
                     fmt(limit["decode_s"], "s"), fmt(limit["forward_b_s"], "s"), limit["decode_s"] / limit["forward_b_s"]))
-    way = ("unconstrained, retried until all N are image codes" if not anchor.constrained else
+    way = ("unconstrained, retried until all N are image codes; both sides without guidance, as LLM-CXR samples"
+           if not anchor.constrained else
            "constrained to image ids (the untrained model never draws N codes unconstrained), one try")
-    details = (f"**Synthesis** ({v.tokens_per_image} codes per image, guidance {cfg}, temperature "
+    details = (f"**Synthesis** ({v.tokens_per_image} codes per image, temperature "
                f"{g.image_temperature}; anchor: HF `generate` one at a time, {way}):\n\n"
-               + markdown_table(["batch", "ours", "anchor", "anchor tries/image", "speed-up"], table)
-               + f"\n\nLimit at batch {n}: decode {limit['decode_s']:.3f} s, teacher-forced forward over the same "
+               + markdown_table(["batch", "ours", "anchor", "anchor tries/image", f"anchor gave up (> {anchor.max_tries} tries)",
+                                 "speed-up"], table)
+               + f"\n\nLimit at batch {n} with the bundle's guidance ({cfg}): decode {limit['decode_s']:.3f} s, "
+               f"teacher-forced forward over the same "
                f"{2 * n} rows {limit['forward_2b_s']:.3f} s (ratio {ratio:.2f}x), over the {n} conditional rows "
                f"{limit['forward_b_s']:.3f} s.")
     return rows, details, limit

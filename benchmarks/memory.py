@@ -102,7 +102,8 @@ def state_bytes(shape: LMShape, precision: str) -> dict[str, float]:
     return {k: b * p for k, b in STATE_BYTES[precision].items()}
 
 
-def activation_bytes(shape: LMShape, batch: int, seq: int, precision: str, checkpointing: bool = False) -> float:
+def activation_bytes(shape: LMShape, batch: int, seq: int, precision: str, checkpointing: bool = False,
+                     scored: float = 1.0) -> float:
     """What the forward pass keeps for the backward pass.
 
     Per layer and token, fp32 (autograd's saved tensors in HF's Llama with SDPA attention, which keeps no
@@ -111,7 +112,8 @@ def activation_bytes(shape: LMShape, batch: int, seq: int, precision: str, check
     product (4f): 11h + 4f floats. bf16: the same tensors at 2 bytes, except that RMSNorm keeps an fp32 copy of
     its input (4 bytes instead of 2, twice a layer). The loss: the logits (kept by the loop) and log-softmax's
     output, fp32 whatever the model's dtype (the loop calls ``.float()``). With gradient checkpointing only each
-    layer's input is kept, plus one layer recomputed at a time.
+    layer's input is kept, plus one layer recomputed at a time. ``scored``: the share of positions the loss
+    scores, where the loop runs the output head (``ScoredHead``); 1 for text pretraining.
     """
     h, f, v, tokens = shape.hidden, shape.intermediate, shape.vocab, batch * seq
     if precision == "fp32":
@@ -124,7 +126,7 @@ def activation_bytes(shape: LMShape, batch: int, seq: int, precision: str, check
         loss = 2 * v + 4 * v
     per_layer += 4 * shape.heads  # the attention's log-sum-exp per head and token, fp32
     layers = (shape.layers * 2 * h + per_layer) if checkpointing else shape.layers * per_layer
-    return tokens * (layers + final_norm + loss)
+    return tokens * (layers + final_norm + scored * loss)
 
 
 def transient_bytes(shape: LMShape, precision: str) -> float:
@@ -147,17 +149,19 @@ def regularizer_backward_bytes(shape: LMShape, precision: str) -> float:
     return temps if precision == "fp32" else temps + 4 * shape.params()
 
 
-def loss_gradient_bytes(shape: LMShape, batch: int, seq: int, precision: str) -> float:
-    """The loss's backward: gradients of log-softmax's output and of the logits, fp32 (bf16: and their cast)."""
-    return batch * seq * shape.vocab * (8 if precision == "fp32" else 10)
+def loss_gradient_bytes(shape: LMShape, batch: int, seq: int, precision: str, scored: float = 1.0) -> float:
+    """The loss's backward: gradients of log-softmax's output and of the logits at the scored positions, fp32
+    (bf16: and their cast)."""
+    return scored * batch * seq * shape.vocab * (8 if precision == "fp32" else 10)
 
 
-def peak_bytes(shape: LMShape, batch: int, seq: int, precision: str, checkpointing: bool = False) -> dict[str, float]:
+def peak_bytes(shape: LMShape, batch: int, seq: int, precision: str, checkpointing: bool = False,
+               scored: float = 1.0) -> dict[str, float]:
     """The step's peak: the states plus the larger of the backward pass and the optimizer step. In the backward
     pass the activations are joined first by the penalty's buffers, then (those freed) by the loss's gradients."""
     states = sum(state_bytes(shape, precision).values())
-    backward = activation_bytes(shape, batch, seq, precision, checkpointing) + max(
-        regularizer_backward_bytes(shape, precision), loss_gradient_bytes(shape, batch, seq, precision))
+    backward = activation_bytes(shape, batch, seq, precision, checkpointing, scored) + max(
+        regularizer_backward_bytes(shape, precision), loss_gradient_bytes(shape, batch, seq, precision, scored))
     step = transient_bytes(shape, precision)
     return {"states": states, "backward": backward, "optimizer step": step, "peak": states + max(backward, step)}
 
@@ -242,7 +246,7 @@ def run_step_check(check: StepCheck, timeout: float = 300) -> dict[str, Any]:
         tail = " / ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
         raise RuntimeError(f"the real step failed (exit {proc.returncode}): {tail}")
     measured = json.loads(lines[-1])
-    est = peak_bytes(check.shape, check.batch, check.seq, "fp32")
+    est = peak_bytes(check.shape, check.batch, check.seq, "fp32", scored=(check.seq - check.prompt) / check.seq)
     measured["estimate"] = est
     measured["ratio"] = measured["peak_growth"] / est["peak"]
     return measured
@@ -283,7 +287,7 @@ def _train_steps(shape: LMShape, batch: int, seq: int, lambda_reg: float = 1e-4,
     from mavilt.llm.regularization import Regularizer, theta0_state
     from mavilt.llm.sequences import Example, collate
     from mavilt.train.engine import make_engine
-    from mavilt.train.llm_loop import masked_lm_loss
+    from mavilt.train.llm_loop import ScoredHead, train_step
 
     torch.manual_seed(0)
     cfg = LLMConfig(hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
@@ -293,17 +297,14 @@ def _train_steps(shape: LMShape, batch: int, seq: int, lambda_reg: float = 1e-4,
     engine = make_engine(model, LLMTrainConfig(warmup_steps=1, max_steps=2), world_size=1, device=torch.device("cpu"),
                          use_gpu=False, bf16=False)
     reg = Regularizer(engine.module(), theta0, lambda_reg)
+    head = ScoredHead(engine.module())
     peaks = [_peak_rss()]
     gen = torch.Generator().manual_seed(0)
     model.train()
     for n in (8, seq):  # the first step only makes AdamW's state: a short one will do
         examples = [Example(torch.randint(0, shape.vocab, (n,), generator=gen).tolist(),
                             [i >= min(prompt, n // 2) for i in range(n)], "memory") for _ in range(batch)]
-        b = collate(examples, pad_id=0)
-        logits = engine.forward(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss, _ = masked_lm_loss(logits.float(), b["labels"], b["tasks"])
-        engine.step(loss, reg)
-        del logits, loss
+        train_step(engine, head, reg, collate(examples, pad_id=0), torch.device("cpu"))  # the loop's own step
         peaks.append(_peak_rss())
     return sum(p.numel() for p in model.parameters()), peaks
 

@@ -34,7 +34,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], int]] = {
     "data": ("data.py", ["--quick"], 90),
     "memory": ("memory.py", ["--quick"], 180),
     "startup": ("startup.py", ["--quick"], 90),
-    "prepare_dicom": ("prepare.py", ["--num", "48", "--height", "1024", "--width", "1024"], 90),
+    "prepare_dicom": ("prepare.py", ["--num", "120", "--height", "2048", "--width", "2048"], 180),
 }
 ORDER = ["generation", "training", "data", "startup", "memory", "prepare_dicom"]
 

@@ -122,8 +122,11 @@ def prepare_environment() -> None:
     if os.environ.get("RAY_ADDRESS"):
         return
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
-    # Ray >= 2.5x turns token authentication on and warns about it unless the mode is chosen explicitly.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray >= 2.5x turns token authentication on and warns about it unless the mode is chosen explicitly. Only
+    # before Ray is imported: it reads the mode then, and a local instance started with another mode than the
+    # driver's refuses the driver ("Authentication token is missing or incorrect").
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     # Ray Train's preemption watcher (node draining on clusters) is an actor whose start logs a core error
     # about restartable actors; a single machine is never drained.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

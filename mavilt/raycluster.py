@@ -40,6 +40,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
         if credentials_env():
             runtime_env["env_vars"] = credentials_env()
-        ray.init(num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
+        # address="local": a Ray instance of its own, never one some other `ray start` left on this machine
+        # (a stale or foreign cluster fails here with an authentication error, or takes the job's CPUs).
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, logging_level=logging.WARNING,
+                 runtime_env=runtime_env)
         log.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
     filter_worker_logs()

@@ -24,7 +24,7 @@ def test_the_generation_benchmark_measures_both_sides_of_every_ratio(tmp_path, c
                            "--threads", "1"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
     measures = [r["measure"] for r in out["rows"]]
-    assert measures[:2] == ["synthesis images/s, batch 1", "synthesis images/s, batch 2"]
+    assert measures[:2] == ["synthesis images/s, batch 1, no guidance", "synthesis images/s, batch 2, no guidance"]
     assert any(m.startswith("synthesis decode / teacher-forced forward, batch 2") for m in measures)
     assert any(m.startswith("report tokens/s, beam 3") for m in measures)
     assert any(m.startswith("closed VQA") for m in measures)
