@@ -1,7 +1,7 @@
 """`make bench`: run the CPU benchmarks one after another, then write `benchmarks/RESULTS.md` and the README's
 benchmark table from their JSON result lines (never typed by hand).
 
-    python benchmarks/run_all.py                   # all of them, about 10 minutes on 2 cores
+    python benchmarks/run_all.py                   # all of them, about 5 minutes on 2 cores (at most 10)
     python benchmarks/run_all.py generation data   # some of them; the others' rows are kept from RESULTS.json
 
 Each benchmark runs in its own process (a fresh interpreter: no warm caches or Ray instance shared between

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import sys
 import tempfile
@@ -156,15 +157,22 @@ def scored_fraction(loop: BareStage2, steps: int) -> float:
     return scored / real
 
 
-def ray_stage2(cfg, world: Path, steps: int) -> tuple[float, Path]:
+def ray_stage2(cfg, world: Path, steps: int, two_workers: bool) -> tuple[float, float | None, Path]:
     """The Ray Train loop: stage 1 for one step (stage 2's starting point), then stage 2 for ``steps`` steps,
-    logging and validating only at the end. Returns stage 2's tokens/s and stage 1's checkpoint."""
+    logging and validating only at the end; with ``two_workers`` stage 2 again as two DDP workers of one thread
+    each on the same CPUs. Returns stage 2's tokens/s (one worker, two workers) and stage 1's checkpoint."""
     from mavilt.train.steps import run_stage
 
     runs = world / "runs"
     s1 = run_stage("stage1", cfg, world / "data", world / "vqgan", world / "lm", runs, "stage1")
     s2 = run_stage("stage2", cfg, world / "data", world / "vqgan", s1["checkpoint"], runs, "stage2")
-    return float(s2["metrics"]["final"]["tokens_per_s"]), Path(s1["checkpoint"])
+    two = None
+    if two_workers:
+        cfg2 = copy.deepcopy(cfg)
+        cfg2.compute.num_workers, cfg2.compute.torch_threads = 2, 1
+        two = float(run_stage("stage2", cfg2, world / "data", world / "vqgan", s1["checkpoint"], runs,
+                              "stage2_two_workers")["metrics"]["final"]["tokens_per_s"])
+    return float(s2["metrics"]["final"]["tokens_per_s"]), two, Path(s1["checkpoint"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -172,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=60, help="stage-2 steps timed in each loop (default 60)")
     ap.add_argument("--samples", type=int, default=400, help="synthetic studies (default 400)")
     ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--two-workers", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run stage 2 as two DDP workers of one thread each (default on)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides on top of the tiny preset (e.g. llm.hidden_size=64)")
     args = ap.parse_args(argv)
@@ -184,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         world = Path(tmp)
         cfg = build_world(world, overrides, args.samples)
         torch.set_num_threads(cfg.compute.torch_threads)
-        ray_tps, stage1 = ray_stage2(cfg, world, steps + 1)
+        ray_tps, two_tps, stage1 = ray_stage2(cfg, world, steps + 1, args.two_workers)
         # The bare loop alone (one model in the process, as in the Ray worker), on the steps the Ray loop timed.
         alone = BareStage2(cfg, world, stage1)
         bare_tps = side_by_side({"alone": (alone, None)}, 1, steps + 1)["alone"]["tokens_per_s"]
@@ -217,6 +227,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Row("training", "stage-2 model FLOP utilisation (Ray loop)", f"{100 * mfu:.1f}%",
             f"fp32 GEMM: {fmt(peak / 1e9, 'GFLOP/s')}", mfu),
     ]
+    if two_tps:
+        rows.append(Row("training", f"stage-2 tokens/s, 2 DDP workers x 1 thread on {os.cpu_count()} cores",
+                        fmt(two_tps, "tok/s"), f"1 worker x {cfg.compute.torch_threads} threads: {fmt(ray_tps, 'tok/s')}",
+                        two_tps / ray_tps))
     table = markdown_table(["op", "self CPU ms/step", "share"], [[k, f"{ms:.1f}", f"{100 * s:.0f}%"] for k, ms, s in costs])
     details = (f"Tiny preset shapes ({params / 1e6:.2f} M parameters, batch {cfg.stage2.batch_size}, mean sequence "
                f"{seq:.0f} tokens), {args.samples} synthetic studies, {steps + 1} stage-2 steps per loop, "
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                f"Training FLOPs per token {per_token / 1e6:.2f} M (the head counted where it runs); fp32 GEMM "
                f"{peak / 1e9:.1f} GFLOP/s; MFU {100 * mfu:.1f}%.\n\nThe three largest costs of a stage-2 step "
                f"(torch.profiler, {args.profile_steps} steps of the bare loop):\n\n{table}")
-    return result("training", rows, details, ray_tokens_per_s=ray_tps, bare_tokens_per_s=bare_tps,
+    return result("training", rows, details, ray_tokens_per_s=ray_tps, two_workers_tokens_per_s=two_tps, bare_tokens_per_s=bare_tps,
                   full_head_tokens_per_s=full_tps, first_loss_equal=same_first, max_loss_drift=drift, mfu=mfu,
                   top_costs=costs)
 
