@@ -369,6 +369,31 @@ def test_the_lean_decoder_gives_the_hugging_face_logits_at_every_step(shape):
         dec.step(torch.tensor([1, 2, 3]))
 
 
+def test_the_lean_decoder_sees_weights_changed_in_place():
+    """Its fused weights are built once per model, and again after a training step changed any weight."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mavilt.llm.decode import LlamaDecoder
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, max_position_embeddings=64)).eval()
+    ids, mask = torch.tensor([[3, 4, 5]]), torch.ones(1, 3, dtype=torch.long)
+
+    def lean_and_hf():
+        dec = LlamaDecoder(model, 1, 4)
+        with torch.no_grad():
+            return dec.logits(dec.prefill(ids, mask), 0, 50), model(input_ids=ids, attention_mask=mask).logits[:, -1], dec
+
+    before, _, first = lean_and_hf()
+    assert LlamaDecoder(model, 1, 4).layers is first.layers  # built once
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(3)
+        model.model.layers[0].self_attn.k_proj.weight.add_(0.05)
+    after, ref, _ = lean_and_hf()
+    assert torch.allclose(after, ref, atol=1e-5) and not torch.allclose(after, before, atol=1e-3)
+
+
 def test_the_lean_decoder_declines_what_it_does_not_know(small):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel

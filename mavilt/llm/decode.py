@@ -17,10 +17,13 @@ the Hugging Face forward to float rounding (``tests/test_generate.py`` checks lo
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 _FAMILIES = ("llama", "mistral", "qwen2")
+_FUSED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 class LlamaDecoder:
@@ -46,6 +49,7 @@ class LlamaDecoder:
         return all(isinstance(getattr(attn, n, None), torch.nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
             and all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
 
+    @torch.no_grad()
     def __init__(self, model: torch.nn.Module, batch: int, capacity: int):
         inner = model.model
         self.model, self.inner = model, inner
@@ -56,18 +60,7 @@ class LlamaDecoder:
         self.n_heads = attn0.q_proj.out_features // self.head_dim
         self.n_kv = attn0.k_proj.out_features // self.head_dim
         self.scaling = attn0.scaling
-        self.layers = []
-        for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            # The attention's scale folded into the query rows (rotation is linear, so it commutes).
-            qkv_w = torch.cat([a.q_proj.weight * self.scaling, a.k_proj.weight, a.v_proj.weight])
-            qkv_b = (torch.cat([a.q_proj.bias * self.scaling, a.k_proj.bias, a.v_proj.bias])
-                     if a.q_proj.bias is not None else None)
-            gu_b = torch.cat([m.gate_proj.bias, m.up_proj.bias]) if m.gate_proj.bias is not None else None
-            self.layers.append((self._norm(layer.input_layernorm), qkv_w, qkv_b, a.o_proj.weight, a.o_proj.bias,
-                                self._norm(layer.post_attention_layernorm),
-                                torch.cat([m.gate_proj.weight, m.up_proj.weight]), gu_b, m.act_fn,
-                                m.down_proj.weight, m.down_proj.bias))
+        self.layers = self._fused_layers(model)
         shape = (batch, self.n_kv, capacity, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in inner.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in inner.layers]
@@ -83,6 +76,29 @@ class LlamaDecoder:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.capacity = capacity
         self.final_norm = self._norm(inner.norm)
+
+    def _fused_layers(self, model: torch.nn.Module) -> list[tuple]:
+        """Each layer's weights as this decoder uses them (q/k/v and gate/up concatenated, the attention scale
+        in the query rows), built once per model and kept until a weight changes (a training step between two
+        validations bumps the tensors' version counters) or the model is gone."""
+        key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        cached = _FUSED.get(model)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            # The attention's scale folded into the query rows (rotation is linear, so it commutes).
+            qkv_w = torch.cat([a.q_proj.weight * self.scaling, a.k_proj.weight, a.v_proj.weight])
+            qkv_b = (torch.cat([a.q_proj.bias * self.scaling, a.k_proj.bias, a.v_proj.bias])
+                     if a.q_proj.bias is not None else None)
+            gu_b = torch.cat([m.gate_proj.bias, m.up_proj.bias]) if m.gate_proj.bias is not None else None
+            layers.append((self._norm(layer.input_layernorm), qkv_w, qkv_b, a.o_proj.weight, a.o_proj.bias,
+                           self._norm(layer.post_attention_layernorm),
+                           torch.cat([m.gate_proj.weight, m.up_proj.weight]), gu_b, m.act_fn,
+                           m.down_proj.weight, m.down_proj.bias))
+        _FUSED[model] = (key, layers)
+        return layers
 
     @staticmethod
     def _norm(module: torch.nn.Module):
