@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from mavilt.config import Config
 from mavilt.console import progress
-from mavilt.errors import InputError
+from mavilt.errors import ConfigError, InputError
 from mavilt.hashing import config_hash
 from mavilt.runs import StepOutput, read_metrics, read_result, result_line, write_json
 from mavilt.storage import Location
@@ -159,6 +159,10 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
     unknown = force - {s.name for s in steps}
     if unknown:
         raise InputError(f"--force {sorted(unknown)}: no such step; steps are {[s.name for s in steps]}")
+    if any(s.name == "evaluate" for s in steps) and cfg.eval.report_section != cfg.stage2.report_section:
+        raise ConfigError(f"eval.report_section={cfg.eval.report_section} but stage2.report_section="
+                          f"{cfg.stage2.report_section}: the evaluation would score one section against another; set "
+                          "both to the same section")
     run_dir = Location.of(run_dir).mkdir()
     cfg.save(run_dir / "config.yaml")
     ensure_ray()

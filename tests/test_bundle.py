@@ -100,3 +100,17 @@ def test_the_cli_exports_and_refuses_the_bundle_itself(bundle_dir, tmp_path):
     res = subprocess.run([sys.executable, "-m", "mavilt", "export", str(bundle_dir), str(bundle_dir)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "is the bundle itself" in res.stderr
+
+
+def test_evaluation_refuses_to_score_one_section_against_another(bundle_dir, tmp_path):
+    from mavilt.errors import ConfigError
+    from mavilt.eval.evaluate import run_evaluate
+
+    # The bundle writes findings: scoring them against reference impressions would measure nothing.
+    with pytest.raises(ConfigError, match=r"eval.report_section=impression, but the bundle at .* was trained to "
+                                          r"write the findings section .* eval.report_section=findings"):
+        run_evaluate(bundle_dir, tmp_path / "data", tmp_path / "out", ["eval.report_section=impression"])
+    with pytest.raises(ConfigError, match="stage2.report_section=impression cannot be changed at evaluation"):
+        run_evaluate(bundle_dir, tmp_path / "data", tmp_path / "out",
+                     ["stage2.report_section=impression", "eval.report_section=impression"])
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -131,3 +131,13 @@ def test_a_step_that_does_not_apply_says_so(micro_run, tmp_path):
     assert out["metrics"]["steps"]["pretrain_text"]["status"] == "not needed"
     line = json.loads((tmp_path / "real-lm" / "pretrain_text" / "result.json").read_text())
     assert line["checkpoint"] is None and "needs no text pretraining" in line["metrics"]["not_needed"]
+
+
+def test_the_main_job_refuses_to_evaluate_one_section_against_another_before_training(tmp_path):
+    from mavilt.config import load_config
+    from mavilt.errors import ConfigError
+    from mavilt.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match="eval.report_section=findings but stage2.report_section=impression"):
+        run_pipeline(load_config("micro", ["stage2.report_section=impression"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -28,7 +28,7 @@ from mavilt.config import Config
 from mavilt.console import progress
 from mavilt.data.labels import OBSERVATIONS
 from mavilt.data.shards import images_array, one_image_per_study, read_rows, report_text
-from mavilt.errors import DatasetError
+from mavilt.errors import ConfigError, DatasetError
 from mavilt.eval.clinical import reference_labels
 from mavilt.eval.predict import derangement, predict
 from mavilt.hashing import config_hash
@@ -118,8 +118,20 @@ def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg
     out = Location.of(out)
     bundle = load_bundle(bundle_path)
     cfg = bundle.config
+    trained = cfg.stage2.report_section  # what the bundle writes, whatever the overrides below say
     if cfg_overrides:
         cfg = bundle.config = cfg.with_overrides(cfg_overrides)
+    if cfg.stage2.report_section != trained:
+        raise ConfigError(
+            f"stage2.report_section={cfg.stage2.report_section} cannot be changed at evaluation: the bundle at "
+            f"{bundle_path} was trained to write the {trained} section; leave stage2.report_section as it is and set "
+            f"eval.report_section={trained}")
+    if cfg.eval.report_section != trained:
+        raise ConfigError(
+            f"eval.report_section={cfg.eval.report_section}, but the bundle at {bundle_path} was trained to write the "
+            f"{trained} section (its stage2.report_section): its reports would be scored against another section. "
+            f"Evaluate it with eval.report_section={trained}, or train a bundle with "
+            f"stage2.report_section={cfg.eval.report_section}")
     split = split or cfg.eval.split
     limit = limit if limit is not None else cfg.eval.limit
     # Everything is written to a local folder first and published at `out` with result.json last: a reader
