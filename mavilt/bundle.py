@@ -144,9 +144,10 @@ class Bundle:
         g = self._gen(overrides)
         trained = self.config.stage2.report_section
         section = section or trained
-        if section != trained:
-            log.warning("this bundle was trained to write the %s section; the %s section it is asked for was never "
-                        "trained, so expect text of little use", trained, section)
+        if section != trained:  # its answer would be the trained section's style under another name
+            raise BundleError(f"the bundle at {self.path} was trained to write the {trained} section, never the "
+                              f"{section} section: ask for {trained}, or train a bundle with "
+                              f"stage2.report_section={section}")
         prompts = [REPORT.prompt(self.vocab, self.codec, c.numpy(), section=section) for c in codes]
         ids = generate_text(self.llm, self.vocab, prompts, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
                             do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed)

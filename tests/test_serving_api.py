@@ -119,13 +119,16 @@ def _truncated_png(png: bytes) -> bytes:
     ("too big", 413, "larger than 0.5 MB"),
     ("bad field", 422, "unknown field beams"),
     ("bad type", 422, "max_new_tokens must be an integer"),
+    ("untrained section", 422, "trained to write the findings section, never the impression section"),
 ])
 def test_bad_uploads_get_a_4xx_that_says_what_was_wrong(client, files, case, status, message):
     png = files["png"]
     upload = {"text/plain": None, "no image field": None, "empty": b"", "garbage": b"hello, not an image",
               "truncated png": _truncated_png(png), "ct": files["ct"], "knee": files["knee"], "nopix": files["nopix"],
-              "too big": b"\x89PNG\r\n\x1a\n" + bytes(600_000), "bad field": png, "bad type": png}[case]
-    data = {"beams": "2"} if case == "bad field" else {"max_new_tokens": "lots"} if case == "bad type" else {}
+              "too big": b"\x89PNG\r\n\x1a\n" + bytes(600_000), "bad field": png, "bad type": png,
+              "untrained section": png}[case]
+    data = {"bad field": {"beams": "2"}, "bad type": {"max_new_tokens": "lots"},
+            "untrained section": {"section": "impression"}}.get(case, {})
     if case == "text/plain":
         r = client.post("/v1/report", content=b"hello", headers={"Content-Type": "text/plain"})
     elif case == "no image field":

@@ -143,6 +143,9 @@ def build_api(backend: Backend):
         data, fields = await read_upload(request, cfg)
         req = ReportRequest.parse(fields, _limits(cfg))
         ck = checkpoint()
+        if req.section and req.section != ck.report_section:
+            raise HTTPFailure(422, f"this model was trained to write the {ck.report_section} section, never the "
+                                   f"{req.section} section: ask for section={ck.report_section} or leave it out", "section")
         codes = await call(backend.encode(ck, decode_image(data, ck.image_size)))
         t1 = time.perf_counter()
         text = await call(backend.report(ck, codes, req))

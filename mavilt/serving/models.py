@@ -37,6 +37,7 @@ class Checkpoint:
     content_hash: str
     source: str  # user_config.checkpoint | MAVILT_CHECKPOINT | the demo run
     image_size: int  # uploads are resized to it on arrival
+    report_section: str = "findings"  # the section its reports are written in (stage2.report_section)
 
     @property
     def id(self) -> str:
@@ -75,8 +76,9 @@ def resolve_checkpoint(configured: str | None = None, environ: Mapping | None = 
     except BundleError as e:
         hint = " (run `make demo` first)" if source == "the demo run" else ""
         raise InputError(f"{source}: {e}{hint}") from None
+    section = ((manifest.get("config") or {}).get("stage2") or {}).get("report_section") or "findings"
     return Checkpoint(uri=where.uri, content_hash=str(manifest.get("content_hash") or where.uri), source=source,
-                      image_size=int(manifest["image_size"]))
+                      image_size=int(manifest["image_size"]), report_section=str(section))
 
 
 def _checkouts() -> list[Path]:
