@@ -71,6 +71,7 @@ def report(
 
     rank = ray.train.get_context().get_world_rank()
     metrics = _plain(metrics)
+    _LAST_REPORT["step"] = metrics.get("step")  # every report round carries a checkpoint (from rank 0 at least)
     if tracker is not None and rank == 0:
         tracker.log(metrics)
     if write is None or (rank != 0 and not all_ranks_write):
@@ -79,6 +80,15 @@ def report(
     with tempfile.TemporaryDirectory(prefix="mavilt-ckpt-") as tmp:
         write(Path(tmp))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+_LAST_REPORT: dict[str, Any] = {}
+
+
+def last_reported_step() -> int | None:
+    """The step of this worker's last report (each one carries the round's checkpoint), None before the first."""
+    step = _LAST_REPORT.get("step")
+    return int(step) if isinstance(step, (int, float)) else None
 
 
 def log_progress(metrics: dict[str, Any], tracker: "Tracker") -> None:

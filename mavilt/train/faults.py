@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from mavilt.errors import ConfigError
 from mavilt.storage import Location
+from mavilt.train.checkpoint import last_reported_step
 
 if TYPE_CHECKING:
     from mavilt.train.inputs import LoopInputs
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 FAIL_AT_STEP_ENV = "MAVILT_FAIL_AT_STEP"
 DRILL_MARKER = "fault_drill.json"  # in the step's output folder: the drill has fired (so only in attempt 1)
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Train V2's controller writes it in the run's folder
 
 
 def fail_at_step_from_env() -> int | None:
@@ -59,27 +61,31 @@ def kill_if_drilled(inputs: "LoopInputs", w: "Worker", step: int) -> None:
     if marker.exists():
         return
     marker.write_text(json.dumps({"step": step, "rank": w.rank}) + "\n")
-    _wait_until_ray_has_the_reports()
+    _wait_until_registered(Location.of(inputs.output), last_reported_step())
     sys.__stderr__.write(f"[fault drill] rank {w.rank} kills itself with SIGKILL after step {step} "
                          f"({FAIL_AT_STEP_ENV}={step})\n")
     sys.__stderr__.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _wait_until_ray_has_the_reports(timeout_s: float = 30.0) -> None:
-    """Wait until Train's controller has collected this worker's last report. A checkpoint counts once the
-    controller has collected its report, at its next poll (every 2 s): one reported less than that before a
-    crash is lost with it, and the run resumes from the one before. The drill waits, so that the checkpoint it
-    resumes from is the last one the loop reported, as its test expects."""
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        queue = get_train_context().get_result_queue()
-    except Exception:  # not Train V2's worker: nothing to wait for
+def _wait_until_registered(run_dir: Location, step: int | None, timeout_s: float = 60.0) -> None:
+    """Wait until Train's controller has registered the checkpoint of ``step`` (the last one this loop
+    reported): it collects reports at its polls (every 2 s), from every worker, and only then registers the
+    round's checkpoint and writes its snapshot in the run's folder. A worker killed before that loses the
+    checkpoint with it and the run resumes from the one before; the drill waits, so the run resumes from the
+    last checkpoint the loop reported, as its test expects."""
+    if step is None:
         return
+    snapshot = run_dir / CHECKPOINT_SNAPSHOT
     deadline = time.monotonic() + timeout_s
-    while not queue.empty() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while time.monotonic() < deadline:
+        try:
+            latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("metrics") or {}
+            if float(latest.get("step", -1)) >= step:
+                return
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+            pass  # not written yet, or caught half-written
+        time.sleep(0.1)
 
 
 def worker_nodes(w: "Worker") -> list[str]:
