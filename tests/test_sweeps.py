@@ -215,9 +215,14 @@ def test_tokenizer_trial_logs_to_offline_wandb(micro_run, ray_session, tmp_path)
     assert judge["checkpoint"] != json.loads((run_dir / "encoder" / "result.json").read_text())["checkpoint"]
     judge_steps = [r["step"] for r in map(json.loads, (tmp_path / "tok" / "judge" / "history.jsonl").open()) if "step" in r]
     assert max(judge_steps) == 3  # tune.judge_steps, not encoder.max_steps (6)
-    files = list((tmp_path / "tok" / "search" / "wandb").rglob("*.wandb"))
+    # W&B's writer process flushes the offline run file on its own schedule, possibly after the sweep returns.
+    deadline, found = time.monotonic() + 60, False
+    while not found and time.monotonic() < deadline:
+        files = list((tmp_path / "tok" / "search" / "wandb").rglob("*.wandb"))
+        found = b"val_tokenizer_objective" in b"".join(f.read_bytes() for f in files)
+        time.sleep(0.5)
     assert files, "no offline wandb run under the sweep's folder"
-    assert b"val_tokenizer_objective" in b"".join(f.read_bytes() for f in files)
+    assert found, "the offline wandb run never recorded val_tokenizer_objective"
 
 
 @pytest.mark.ray
