@@ -7,6 +7,7 @@ import json
 import math
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -255,7 +256,14 @@ def test_ddp_codebook_stays_in_sync_and_adaptive_weight_works():
 
     with tempfile.TemporaryDirectory() as d:
         init_file = os.path.join(d, "init")
-        mp.start_processes(_ddp_worker, args=(2, init_file, d), nprocs=2, join=True, start_method=_start_method())
+        ctx = mp.start_processes(_ddp_worker, args=(2, init_file, d), nprocs=2, join=False,
+                                 start_method=_start_method())
+        deadline = time.monotonic() + 180  # a hung rank fails the test here, not at CI's time limit
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("the two DDP processes did not finish within 180 s")
         r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
     assert torch.equal(r0["embed"], r1["embed"])  # EMA statistics were all-reduced
     assert torch.equal(r0["weight"], r1["weight"])  # gradients were averaged
