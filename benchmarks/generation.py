@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))
 from common import Row, fmt, interleaved, markdown_table, result, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

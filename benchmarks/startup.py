@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))
 from common import Row, fmt, markdown_table, result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))
 from common import Row, fmt, markdown_table, result, training_flops_per_token  # noqa: E402
 
 
