@@ -25,6 +25,7 @@ from mavilt.llm.checkpoint import build_starting_model, save_model_parts
 from mavilt.llm.data import HELDOUT, SHUFFLED, LLMData
 from mavilt.llm.regularization import Regularizer
 from mavilt.llm.sequences import IGNORE, TextCodec, collate
+from mavilt.llm.weighting import token_loss_weights
 from mavilt.llm.stages import get_stage
 from mavilt.train.checkpoint import (latest_checkpoint_dir, load_train_state, log_progress, report, report_finished,
                                     save_train_files, start_tracking)
@@ -57,6 +58,10 @@ def llm_loop(inputs: LLMInputs) -> None:
     engine = make_engine(model, tc, world_size=w.world_size, device=w.device, use_gpu=cfg.compute.use_gpu, bf16=bf16)
     reg = Regularizer(engine.module(), start_from.theta0, tc.lambda_reg) if stage.regularized else None
     head = ScoredHead(engine.module())
+    token_weight = token_loss_weights(tokenizer, vocab, getattr(tc, "clinical_token_weight", 1.0),
+                                      getattr(tc, "image_token_weight", 1.0))
+    if token_weight is not None:
+        token_weight = token_weight.to(w.device)
 
     start, state = 0, None
     with latest_checkpoint_dir() as ckpt:
@@ -97,7 +102,7 @@ def llm_loop(inputs: LLMInputs) -> None:
     engine.module().train()
     for step in range(start + 1, tc.max_steps + 1):
         batch = collate(data.batch_for_step(step), vocab.pad_id)
-        loss, per_task, grad_norm = train_step(engine, head, reg, batch, w.device)
+        loss, per_task, grad_norm = train_step(engine, head, reg, batch, w.device, token_weight)
 
         tokens += int(batch["attention_mask"].sum())
         for k, v in {"loss": float(loss.detach()), **{f"loss/{t}": v for t, v in per_task.items()},
@@ -130,14 +135,15 @@ def llm_loop(inputs: LLMInputs) -> None:
 
 
 def train_step(engine, head: ScoredHead, reg: Regularizer | None, batch: dict[str, Any],
-               device: torch.device) -> tuple[torch.Tensor, dict[str, float], float]:
+               device: torch.device, token_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float], float]:
     """One optimisation step on a collated batch: the forward (the head at scored positions only), the masked
-    loss, then ``engine.step`` (backward, lambda_reg, clip, optimizer). Returns (loss, per-task losses, grad
-    norm). The loop's step, also run bare by the benchmarks."""
+    loss (weighted per target id by ``token_weight``, :mod:`mavilt.llm.weighting`), then ``engine.step``
+    (backward, lambda_reg, clip, optimizer). Returns (loss, per-task unweighted losses, grad norm). The loop's
+    step, also run bare by the benchmarks."""
     ids, attn, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     with autocast(device), head.scoring(labels) as keep:
         logits = engine.forward(input_ids=ids, attention_mask=attn).logits
-    loss, per_task = masked_lm_loss(logits.float(), labels, batch["tasks"], keep)
+    loss, per_task = masked_lm_loss(logits.float(), labels, batch["tasks"], keep, token_weight)
     return loss, per_task, engine.step(loss, reg)
 
 
@@ -193,11 +199,13 @@ class ScoredHead:
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str],
-                   keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean cross-entropy over response tokens, and the same per task (for the logs).
+                   keep: torch.Tensor | None = None,
+                   token_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-mean cross-entropy over response tokens, and the same per task (for the logs, unweighted).
 
     ``logits``: [B, T, V] over every position, or [M, V] at the positions ``keep`` marks (:class:`ScoredHead`).
-    Either way each token's loss is computed alike and summed in the same order, so both give the same loss."""
+    Either way each token's loss is computed alike and summed in the same order, so both give the same loss.
+    ``token_weight`` [V]: the loss is the weighted mean, each target token weighted by its id's entry."""
     mask = (labels[:, 1:] != IGNORE).float()
     if keep is None:
         per_tok = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -206,7 +214,11 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str],
         scored = keep[:, :-1]
         per_tok = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device)
         per_tok[scored] = torch.nn.functional.cross_entropy(logits, labels[:, 1:][scored], reduction="none")
-    loss = (per_tok * mask).sum() / mask.sum().clamp(min=1)
+    if token_weight is None:
+        loss = (per_tok * mask).sum() / mask.sum().clamp(min=1)
+    else:
+        wm = token_weight[labels[:, 1:].clamp(min=0)] * mask
+        loss = (per_tok * wm).sum() / wm.sum().clamp(min=1e-6)
     per_task: dict[str, float] = {}
     with torch.no_grad():
         for t in sorted(set(tasks)):
