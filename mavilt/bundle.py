@@ -151,7 +151,29 @@ class Bundle:
         prompts = [REPORT.prompt(self.vocab, self.codec, c.numpy(), section=section) for c in codes]
         ids = generate_text(self.llm, self.vocab, prompts, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
                             do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed)
-        return [self.codec.decode(x) for x in ids]
+        first = [self.codec.decode(x) for x in ids]
+        if g.rerank_candidates <= 1:
+            return first
+        return self._rerank(codes, prompts, first, g)
+
+    def _rerank(self, codes: torch.Tensor, prompts: list[list[int]], first: list[str], g) -> list[str]:
+        """``generate.rerank_candidates``: sampled candidates besides ``first``, the one phi agrees with kept."""
+        from mavilt.eval.fidelity import observation_probabilities
+        from mavilt.llm.generate import generate_text
+        from mavilt.llm.rerank import rerank_reports
+
+        if self.encoder is None or IMAGE_DECODER not in self.parts:
+            raise BundleError(f"generate.rerank_candidates={g.rerank_candidates} needs the bundle's CXR encoder and "
+                              f"VQ-GAN decoder; the bundle at {self.path} was loaded without them (or has no encoder): "
+                              "set generate.rerank_candidates=0")
+        probs = observation_probabilities(self.encoder, self.decode_codes(codes).to(self.device))
+
+        def sample(k: int) -> list[str]:
+            ids = generate_text(self.llm, self.vocab, prompts, max_new_tokens=g.max_new_tokens, do_sample=True,
+                                temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed + k)
+            return [self.codec.decode(x) for x in ids]
+
+        return rerank_reports(first, sample, g.rerank_candidates, probs)
 
     def report(self, images, **overrides) -> list[str]:
         """CXR -> report text (the configured section)."""
