@@ -110,7 +110,11 @@ def paired_f1_diffs(y_true: np.ndarray, a_pred: np.ndarray, b_pred: np.ndarray, 
 
 
 def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg_overrides: list[str] | None = None,
-                 split: str | None = None, limit: int | None = None) -> dict[str, Any]:
+                 split: str | None = None, limit: int | None = None,
+                 judge_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """``judge_checkpoint``: a second CXR encoder trained independently of the bundle's phi (the pipeline's judge
+    step, or ``jobs/encoder.py`` with another ``encoder.seed``); synthesised images are scored by it. Without
+    one they are scored by phi, and the report says that this judge is not independent."""
     from mavilt import load_bundle
     from mavilt.runs import StepOutput, finish
 
@@ -138,10 +142,12 @@ def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg
     # never takes a half-written evaluation for a finished one, on local disk or on a store.
     with tempfile.TemporaryDirectory(prefix="mavilt-evaluate-") as staging:
         cfg.save(Path(staging) / "config.yaml")
-        ev = Evaluation(bundle, Location.of(bundle_path), Location.of(data), Path(staging), cfg, split, limit)
+        ev = Evaluation(bundle, Location.of(bundle_path), Location.of(data), Path(staging), cfg, split, limit,
+                        judge=load_judge(judge_checkpoint, bundle.device) if judge_checkpoint else None)
         metrics = ev.run()
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
-        h = config_hash([str(bundle_path), str(data), split, limit, cfg.to_dict()["eval"]])
+        h = config_hash([str(bundle_path), str(data), split, limit, cfg.to_dict()["eval"],
+                         *([str(judge_checkpoint)] if judge_checkpoint else [])])
         result = finish("evaluate", out, None, metrics, h, folder=staging, picked=evaluate_headline(metrics))
         publish_dir(staging, out, StepOutput.result.relative)
     return result
@@ -168,11 +174,24 @@ def evaluate_headline(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in picked.items() if v is not None}
 
 
+def load_judge(checkpoint: str | Path, device) -> torch.nn.Module:
+    """The judge encoder from an encoder checkpoint (or its ``encoder/`` folder), on ``device``, frozen."""
+    from mavilt.checkpoints import EncoderCheckpoint
+    from mavilt.storage import local_dir
+    from mavilt.tokenizer.features import CXREncoder
+
+    found = EncoderCheckpoint.find_model(checkpoint, "--judge")
+    return CXREncoder.from_pretrained(local_dir(found)).to(device).eval().requires_grad_(False)
+
+
 class Evaluation:
     def __init__(self, bundle, bundle_path: Location, data: Location, out: Path, cfg: Config, split: str,
-                 limit: int | None):
+                 limit: int | None, judge: torch.nn.Module | None = None):
         self.b, self.bundle_path, self.data, self.out, self.cfg = bundle, bundle_path, data, out, cfg
         self.split, self.limit = split, limit
+        # Synthesised images are scored by the judge when there is one; phi (the bundle's encoder, which the
+        # tokenizer was trained against) otherwise, and the report says so.
+        self.judge, self.judge_is_phi = (judge, False) if judge is not None else (bundle.encoder, True)
         self.ec = cfg.eval
         self.section = self.ec.report_section
 
@@ -327,13 +346,17 @@ class Evaluation:
         labels = [reference_labels(r) for r in studies]
         res: dict[str, Any] = {"n": len(studies)}
         # FID: every comparison against the same real half B, with the same sample count
+        judge = self.judge
+        res["judge"] = ("phi, the bundle's CXR encoder (the network the tokenizer was trained against: not an "
+                        "independent judge)" if self.judge_is_phi else
+                        "the judge, a second CXR encoder trained independently of phi (another seed)")
         if self.ec.fid_network == "inhouse":
-            if self.b.encoder is None:
-                return {**res, "note": "the bundle has no CXR encoder: FID and label fidelity need one"}
-            net = inhouse_network(self.b.encoder)
+            if judge is None:
+                return {**res, "note": "no CXR encoder (neither a judge nor the bundle's): FID and label fidelity need one"}
+            net = inhouse_network(judge)
             desc = net.description
         else:
-            net, desc = load_fid_network(self.ec.fid_network, self.ec.fid_weights, self.b.encoder)
+            net, desc = load_fid_network(self.ec.fid_network, self.ec.fid_weights, judge)
         half = len(studies) // 2
         a, bh = slice(0, half), slice(half, 2 * half)
         res["fid"] = {
@@ -342,14 +365,12 @@ class Evaluation:
             "random_codes": fid_report(random_images[a], real[bh], net, desc),
             "reconstructed": fid_report(self._decode(self._encode(real[a])), real[bh], net, desc),
         }
-        if self.b.encoder is not None:
+        if judge is not None:
             perm = derangement(len(studies), self.ec.seed + 1)
-            res["label_fidelity"] = {
-                "synthesized": label_fidelity(self.b.encoder, synth, labels, uncertain_policy=self.ec.uncertain_policy),
-                "mismatched_reports": label_fidelity(self.b.encoder, synth[perm], labels, uncertain_policy=self.ec.uncertain_policy),
-                "random_codes": label_fidelity(self.b.encoder, random_images, labels, uncertain_policy=self.ec.uncertain_policy),
-                "real": label_fidelity(self.b.encoder, real, labels, uncertain_policy=self.ec.uncertain_policy),
-            }
+            fidelity = lambda x: label_fidelity(judge, x, labels, uncertain_policy=self.ec.uncertain_policy,  # noqa: E731
+                                                n_boot=self.ec.bootstrap_samples, seed=self.ec.seed)
+            res["label_fidelity"] = {"synthesized": fidelity(synth), "mismatched_reports": fidelity(synth[perm]),
+                                     "random_codes": fidelity(random_images), "real": fidelity(real)}
         self.save_grids(studies, real, synth, labels)
         return res
 

@@ -1,7 +1,8 @@
 """Label fidelity of synthesized CXRs: does the CXR classifier see the findings the conditioning report asked for?
 
-Each generated image is paired with the 14 CheXpert labels of the report that conditioned it. The in-house
-encoder (a CheXpert multi-label classifier, order of ``OBSERVATIONS``) scores every image, and we report
+Each generated image is paired with the 14 CheXpert labels of the report that conditioned it. A CXR encoder
+(a CheXpert multi-label classifier, order of ``OBSERVATIONS``) scores every image: in evaluation the judge, a
+second in-house encoder trained independently of phi (the one the tokenizer was trained against), and we report
 
 - per-observation AUROC of the classifier's score against the requested label, over images where that label is
   known (None where those images hold only one class), and their mean over observations with a value;
@@ -95,13 +96,16 @@ def label_fidelity(
     threshold: float = 0.5,
     batch_size: int = 64,
     unmentioned_negative: bool = True,
+    n_boot: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Per-observation AUROC (and mean), plus hit rates, of the encoder on images against their requested labels.
 
     ``unmentioned_negative`` counts observations the conditioning report does not mention as absent (the
     encoder was trained that way); otherwise they are left out. Besides the hit rate (recall of requested
     findings), ``precision`` and ``f1`` (micro, threshold ``threshold``) penalise images that light up
-    everything: a garbage image can have a high hit rate but not a high F1.
+    everything: a garbage image can have a high hit rate but not a high F1. ``n_boot`` > 0 adds ``f1_ci95``, the
+    bootstrap 95% interval of the F1 over images.
 
     Returns ``{"auroc": {obs: float|None}, "mean_auroc": float|None, "hit_rate": float|None,
     "hit_rate_per_observation": {...}, "n_pairs": int, "n_images": int, "uncertain_policy": str, "threshold": float}``.
@@ -128,14 +132,8 @@ def label_fidelity(
         auroc[o] = float(roc_auc_score(t, probs[known, j])) if np.unique(t).size == 2 else None
     vals = [v for v in auroc.values() if v is not None]
     hits = _hits(probs, y, threshold)
-    known = ~np.isnan(target)
-    pred = (probs > threshold) & known
-    truth = (target == 1) & known
-    tp, fp = int((pred & truth).sum()), int((pred & ~truth).sum())
-    precision = tp / (tp + fp) if tp + fp else None
-    recall = hits["hit_rate"]
-    f1 = (2 * precision * recall / (precision + recall)) if precision and recall else 0.0
-    return {
+    precision, recall, f1 = _precision_recall_f1(probs, y, target, threshold)
+    out = {
         "auroc": auroc,
         "mean_auroc": float(np.mean(vals)) if vals else None,
         "n_auroc_observations": len(vals),
@@ -148,3 +146,22 @@ def label_fidelity(
         "uncertain_policy": uncertain_policy,
         "threshold": float(threshold),
     }
+    if n_boot:
+        from mavilt.eval.stats import bootstrap_ci
+
+        f1_of = lambda p_, y_, t_: _precision_recall_f1(p_, y_, t_, threshold)[2]  # noqa: E731
+        out["f1_ci95"] = list(bootstrap_ci(f1_of, probs, y, target, n_boot=n_boot, seed=seed))[1:]
+    return out
+
+
+def _precision_recall_f1(probs: np.ndarray, y: np.ndarray, target: np.ndarray,
+                         threshold: float) -> tuple[float | None, float | None, float]:
+    """Micro precision over the known labels, the hit rate (recall over certain positives) and their F1."""
+    known = ~np.isnan(target)
+    pred = (probs > threshold) & known
+    truth = (target == 1) & known
+    tp, fp = int((pred & truth).sum()), int((pred & ~truth).sum())
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = _hits(probs, y, threshold)["hit_rate"]
+    f1 = (2 * precision * recall / (precision + recall)) if precision and recall else 0.0
+    return precision, recall, f1

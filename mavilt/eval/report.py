@@ -119,7 +119,9 @@ def image_section(m: dict[str, Any], lines: list[str]) -> None:
         lines += [im.get("note", "not evaluated"), ""]
         return
     any_fid = next(iter(im["fid"].values()))
-    lines += [f"FID with **{any_fid['network']}**, images {any_fid['resolution']}, "
+    lines += [f"Synthesised images are scored by {im.get('judge', 'the in-house encoder')}. Reports are "
+              "scored by the rule-based labeler; the retrieval baseline searches by phi's features.", "",
+              f"FID with **{any_fid['network']}**, images {any_fid['resolution']}, "
               f"{any_fid['n_fake']} generated vs {any_fid['n_real']} real (the second half of the studies; "
               "images synthesised from the first half's reports).", "",
               "| images | FID |", "|---|---|"]
@@ -129,14 +131,15 @@ def image_section(m: dict[str, Any], lines: list[str]) -> None:
         lines.append(f"| {names.get(k, k)} | {_f(r['fid'], 2)} |")
     lf = im.get("label_fidelity")
     if lf:
-        lines += ["", "Label fidelity: the in-house encoder on generated images against the labels of the report that "
-                  "conditioned them (hit rate: share of requested positive findings the encoder sees, p > 0.5; precision: "
-                  "share of findings it sees that were requested; F1 of the two; AUROC per observation, averaged).", "",
+        lines += ["", f"Label fidelity: {im.get('judge', 'the in-house encoder')} on generated images against the "
+                  "labels of the report that conditioned them (hit rate: share of requested positive findings the encoder "
+                  "sees, p > 0.5; precision: share of findings it sees that were requested; F1 of the two, with its "
+                  "bootstrap 95% CI over images; AUROC per observation, averaged).", "",
                   "| images | hit rate | precision | F1 | mean AUROC |", "|---|---|---|---|---|"]
         lnames = {"synthesized": "synthesised from the study's report", "mismatched_reports": "synthesised from another study's report",
                   "random_codes": "decoded from random codes", "real": "the real images (encoder bound)"}
         for k, r in lf.items():
-            lines.append(f"| {lnames.get(k, k)} | {_f(r.get('hit_rate'))} | {_f(r.get('precision'))} | {_f(r.get('f1'))} | "
+            lines.append(f"| {lnames.get(k, k)} | {_f(r.get('hit_rate'))} | {_f(r.get('precision'))} | {_ci(r.get('f1'), r.get('f1_ci95'))} | "
                          f"{_f(r.get('mean_auroc'))} |")
     lines.append("")
 
@@ -160,7 +163,9 @@ def write_report_md(path: Path, m: dict[str, Any], cfg: Config, bundle: Path, da
               f"{_f(rec['usage'])} | {_f(rec['perplexity'], 1)} |", "",
               "Files: `per_study.csv` (every study's reference, generated, blind and retrieved report), "
               "`samples.png` (input | reconstruction | synthesised from its report), `findings.png` (real | synthesised, "
-              "one row per finding, names in `findings.txt`), `reconstructions.png`, `metrics.json`, `model_card.md`.", ""]
+              "one row per finding, names in `findings.txt`), `reconstructions.png`, `metrics.json`, `model_card.md`.", "",
+              "Which lever of the model pays, each on and off over seeds: [ablation.md](../../../docs/ablation.md) "
+              "(`docs/ablation.md` in the repository; `python jobs/ablation.py` writes it for any run).", ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -207,8 +212,8 @@ def write_model_card(path: Path, m: dict[str, Any], cfg: Config, bundle) -> Path
         *_limits_from_numbers(m, bundle),
         "- The rule-based labeler that scores clinical efficacy has its own errors; CheXbert-based scores are not "
         "comparable with these.",
-        "- FID uses the in-house encoder unless another network is configured; values are comparable only within one "
-        "network, resolution and sample count.",
+        f"- Synthesised images (FID, label fidelity) are scored by {m.get('images', {}).get('judge', 'the in-house encoder')}; "
+        "FID values are comparable only within one network, resolution and sample count.",
         "- Synthetic training data: no real anatomy variation, no real-world artefacts, no demographics.",
         "",
     ]

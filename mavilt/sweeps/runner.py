@@ -151,17 +151,13 @@ def _judge(cfg: Config, upstream: Upstream, root: Location, judge_checkpoint: st
     from mavilt.hashing import config_hash
     from mavilt.runs import read_metrics, read_result
     from mavilt.sweeps.objectives import judge_observations
-    from mavilt.train.steps import run_encoder
+    from mavilt.train.steps import judge_config, run_encoder
 
     if judge_checkpoint:
         result = read_result(Location.of(judge_checkpoint).parent) or {}
         where = Location.of(judge_checkpoint).uri
     else:
-        # The judge's own config names phi's seed as its judge's, so it passes the check that the two differ.
-        over = [f"encoder.seed={cfg.tune.judge_seed}", f"tune.judge_seed={cfg.encoder.seed}"]
-        if cfg.tune.judge_steps:
-            over.append(f"encoder.max_steps={cfg.tune.judge_steps}")
-        judge_cfg = cfg.with_overrides(over, source="the judge")
+        judge_cfg = judge_config(cfg, cfg.tune.judge_steps)
         h = config_hash([judge_cfg.to_dict()["encoder"], upstream.data])
         result = read_result(root / "judge")
         if not result or result.get("judge_hash") != h:

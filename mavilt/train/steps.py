@@ -87,6 +87,16 @@ def run_encoder(cfg: Config, data: str | Path, storage: str | Path, name: str = 
                   config_hash([cfg.to_dict()["encoder"], str(data)]))
 
 
+def judge_config(cfg: Config, max_steps: int | None = None) -> Config:
+    """The judge's config: phi's architecture and data, its own seed (``tune.judge_seed``), so it is trained
+    independently of phi and only ever scores (reconstructions in sweeps; synthesised images in evaluation).
+    Its own config names phi's seed as its judge's, so it passes the check that the two differ."""
+    over = [f"encoder.seed={cfg.tune.judge_seed}", f"tune.judge_seed={cfg.encoder.seed}"]
+    if max_steps:
+        over.append(f"encoder.max_steps={max_steps}")
+    return cfg.with_overrides(over, source="the judge")
+
+
 # ---- VQ-GAN -------------------------------------------------------------------------------------------
 
 
