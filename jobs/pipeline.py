@@ -1,8 +1,9 @@
 """The main job: every step of MAViLT on the embedded default (or any preset and any data), in one Ray session.
 
-python jobs/pipeline.py [--config tiny] [--runs runs] [--name demo] [--set k=v]
+python jobs/pipeline.py [--config tiny] [--runs runs] [--name demo] [--set k=v] [--reuse RUN]
                         [--source {synthetic,mimic-cxr,mimic-cxr-jpg,iu-xray,csv} --root DIR | --data DIR]
-Each step writes runs/<name>/<step>/result.json and is skipped when that result exists with the same config.
+Each step writes runs/<name>/<step>/result.json and is skipped when that result exists with the same config
+(or, with --reuse, when the other run folder RUN holds it with the same config).
 """
 
 import sys
@@ -28,10 +29,14 @@ def main(argv=None) -> None:
                                   "is copied locally once")
     p.add_argument("--data", help="a dataset already written by jobs/prepare.py (a folder or a URI), used as it is "
                                   "instead of --source/--root")
+    p.add_argument("--reuse", metavar="RUN", action="append", help="another run folder (runs/demo; repeatable): its "
+                                                                    "finished steps with the same config are used as "
+                                                                    "they are, not run again")
     add_config_args(p)
     args = p.parse_args(argv)
     source = DataSource(args.source, args.root, args.data)
-    run_job(lambda cfg: run_pipeline(cfg, Location.of(args.runs) / args.name, force=args.force, source=source), args)
+    run_job(lambda cfg: run_pipeline(cfg, Location.of(args.runs) / args.name, force=args.force, source=source,
+                                           reuse=args.reuse), args)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,9 @@ class StageConfig(LLMTrainConfig):
     report_section: Section = setting("findings", "report section the report tasks read and write")
     condition_dropout: float = setting(0.1, "report->image tasks: probability of dropping the report, so "
                                             "classifier-free guidance can be used")
+    clinical_token_weight: float = setting(1.0, "loss weight of report tokens that name a finding, a negation or "
+                                                "hedge, a side or a size (mavilt.llm.weighting; 1: unweighted)")
+    image_token_weight: float = setting(1.0, "loss weight of image codes where an image is the response (1: unweighted)")
 
 
 @dataclass
@@ -209,6 +212,9 @@ class GenerateConfig:
     cfg_scale: float = setting(1.0, "classifier-free guidance scale for report->image (1: off)")
     image_temperature: float = setting(1.0, "image code sampling temperature (0: greedy)")
     seed: int = setting(0, "sampling seed")
+    rerank_candidates: int = setting(0, "reports: draw this many candidates (the greedy/beam one and sampled ones) "
+                                        "and keep the one whose findings agree best with the bundle's CXR encoder "
+                                        "(mavilt.llm.rerank; 0 or 1: off)")
 
 
 @dataclass
@@ -539,6 +545,9 @@ def _check(cfg: Config) -> None:
         section = cfg.section(name)
         if isinstance(section, StageConfig):
             check_task_weights(name, section.task_weights)
+            for key in ("clinical_token_weight", "image_token_weight"):
+                if not getattr(section, key) > 0:
+                    raise ConfigError(f"{name}.{key} must be > 0 (1: unweighted), got {getattr(section, key)}")
     _check_serve(cfg.serve)
 
 

@@ -1,4 +1,6 @@
-"""The main job: prepare -> encoder -> vqgan -> pretrain_text -> stage1 -> stage2 -> evaluate, in one Ray session.
+"""The main job: prepare -> encoder -> judge -> vqgan -> pretrain_text -> stage1 -> stage2 -> evaluate, in one Ray
+session. The judge is a second CXR encoder trained independently of phi (another seed): the evaluation scores
+synthesised images with it, never with the network the tokenizer was trained against.
 
 Each step writes ``<run>/<step>/result.json`` (the job's JSON result line), last. The run folder may be local
 or a URI (:mod:`mavilt.storage`); steps chain across URIs exactly as across folders. A step is skipped when
@@ -34,6 +36,7 @@ class Step:
     sections: tuple[str, ...]  # config sections the step depends on
     needs: tuple[str, ...]  # earlier steps whose outputs it reads
     run: Callable[[Config, Location, Results], dict[str, Any]]  # (cfg, step dir, upstream results) -> result
+    derived: Callable[[Config], Any] | None = None  # settings the step derives from the config, hashed too
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,14 @@ def _encoder(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     return run_encoder(cfg, results["prepare"]["output"], out.parent, out.name)
 
 
+def _judge(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
+    from mavilt.train.steps import judge_config, run_encoder
+
+    progress(f"judge: a second CXR encoder (seed {cfg.tune.judge_seed}), trained independently of phi: the "
+             "evaluation scores synthesised images with it")
+    return run_encoder(judge_config(cfg), results["prepare"]["output"], out.parent, out.name)
+
+
 def _vqgan(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     from mavilt.train.steps import run_vqgan
 
@@ -121,33 +132,45 @@ def _stage2(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
 def _evaluate(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
     from mavilt.eval.evaluate import run_evaluate
 
-    return run_evaluate(results["stage2"]["checkpoint"], results["prepare"]["output"], out)
+    return run_evaluate(results["stage2"]["checkpoint"], results["prepare"]["output"], out,
+                        judge_checkpoint=results["judge"]["checkpoint"])
 
 
 TRAINING = ("data", "compute")
 STEPS: list[Step] = [
     Step("prepare", ("data",), (), lambda cfg, out, results: _prepare(DataSource(), cfg, out, results)),
     Step("encoder", TRAINING + ("encoder",), ("prepare",), _encoder),
+    Step("judge", TRAINING, ("prepare",), _judge, derived=lambda cfg: _judge_encoder_section(cfg)),
     Step("vqgan", TRAINING + ("vqgan",), ("prepare", "encoder"), _vqgan),
     Step("pretrain_text", TRAINING + ("llm", "pretrain_text"), ("prepare",), _pretrain_text),
     Step("stage1", TRAINING + ("llm", "stage1"), ("prepare", "vqgan", "pretrain_text"), _stage1),
     Step("stage2", TRAINING + ("llm", "stage2", "generate"), ("prepare", "vqgan", "encoder", "stage1"), _stage2),
-    Step("evaluate", ("eval", "generate"), ("prepare", "stage2"), _evaluate),
+    Step("evaluate", ("eval", "generate"), ("prepare", "stage2", "judge"), _evaluate),
 ]
+
+
+def _judge_encoder_section(cfg: Config) -> dict[str, Any]:
+    from mavilt.train.steps import judge_config
+
+    return judge_config(cfg).to_dict()["encoder"]
 
 
 def step_hash(cfg: Config, step: Step, results: Results, source: DataSource | None = None) -> str:
     """The step's own config sections, the hashes of the steps it reads from, and for the first step the data."""
     upstream = {n: results[n]["config_hash"] for n in step.needs}
     data = (source or DataSource()).identity() if not step.needs else None
-    return config_hash({"step": step.name, "config": cfg.hash(*step.sections), "upstream": upstream,
+    derived = {"derived": step.derived(cfg)} if step.derived else {}
+    return config_hash({"step": step.name, "config": cfg.hash(*step.sections), "upstream": upstream, **derived,
                         **({"source": data} if data != DataSource().identity() else {})})
 
 
 def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] | None = None,
-                 steps: list[Step] | None = None, source: DataSource | None = None) -> dict[str, Any]:
+                 steps: list[Step] | None = None, source: DataSource | None = None,
+                 reuse: str | Path | Location | list | None = None) -> dict[str, Any]:
     """Run (or resume) every step; prints a progress line per step and a summary table at the end. ``source``:
-    where the data comes from (default: the synthetic phantoms of the config's ``data`` section)."""
+    where the data comes from (default: the synthetic phantoms of the config's ``data`` section). ``reuse``:
+    other run folders (one or a list, searched in order) whose finished steps are taken as they are where their
+    hash matches (ablations and seed runs share the data, tokenizer and encoders of one run)."""
     from mavilt.eval.evaluate import evaluate_headline
     from mavilt.raycluster import ensure_ray
     from mavilt.runs import finish
@@ -163,6 +186,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
         raise ConfigError(f"eval.report_section={cfg.eval.report_section} but stage2.report_section="
                           f"{cfg.stage2.report_section}: the evaluation would score one section against another; set "
                           "both to the same section")
+    reuse_from = [Location.of(r) for r in ([] if reuse is None else reuse if isinstance(reuse, list) else [reuse])]
     run_dir = Location.of(run_dir).mkdir()
     cfg.save(run_dir / "config.yaml")
     ensure_ray()
@@ -177,6 +201,12 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
             results[step.name] = previous
             progress(f"[{i}/{len(steps)}] {step.name}: done earlier, skipped")
             summary.append((step.name, "skipped", 0.0, previous))
+            continue
+        shared = None if step.name in force else _reusable(reuse_from, step.name, h)
+        if shared:
+            results[step.name] = shared
+            progress(f"[{i}/{len(steps)}] {step.name}: the same step of {Location.of(shared['reused_from']).parent.uri}, reused")
+            summary.append((step.name, "reused", 0.0, shared))
             continue
         progress(f"[{i}/{len(steps)}] {step.name}: running ...")
         _clear_if_stale(out, h)
@@ -200,7 +230,8 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
     table = _summary_table(summary, total)
     progress(table)
     # Every step's full metrics (a step skipped now: from its metrics.json), its status and time.
-    metrics = {name: (read_metrics(run_dir / name) if status == "skipped" else r.get("metrics", {}))
+    metrics = {name: (read_metrics(Location.of(r.get("reused_from") or run_dir / name)) if status in ("skipped", "reused")
+                      else r.get("metrics", {}))
                for name, status, _, r in summary}
     metrics["steps"] = {name: {"status": status, "seconds": round(sec, 1)} for name, status, sec, _ in summary}
     metrics["seconds"] = round(total, 1)
@@ -219,6 +250,15 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
 STEP_HASH_FILE = ".pipeline_step_hash"
 
 
+def _reusable(runs: list[Location], step: str, h: str) -> dict[str, Any] | None:
+    """The finished ``step`` of the first run in ``runs`` whose hash is ``h`` (its result, and where it is)."""
+    for run in runs:
+        found = read_result(run / step)
+        if found and found.get("config_hash") == h:
+            return {**found, "reused_from": (run / step).uri}
+    return None
+
+
 def _clear_if_stale(out: Location, h: str) -> None:
     """An interrupted step with the same config resumes (Ray Train restores its checkpoint); one left by an
     older config must not: clear it, so the new config trains from scratch."""
@@ -235,6 +275,7 @@ def _clear_if_stale(out: Location, h: str) -> None:
 HEADLINES = {
     "prepare": ("total_images", "skipped_total"),
     "encoder": ("val_auroc_mean",),
+    "judge": ("val_auroc_mean",),
     "vqgan": ("val_psnr", "val_ssim", "val_usage"),
     "pretrain_text": ("heldout_text_ppl",),
     "stage1": ("val_loss", "drift", "heldout_text_ppl"),

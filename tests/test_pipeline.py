@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 def test_every_step_writes_its_result_line(micro_run):
     run_dir, result = micro_run
-    steps = ["prepare", "encoder", "vqgan", "pretrain_text", "stage1", "stage2", "evaluate"]
+    steps = ["prepare", "encoder", "judge", "vqgan", "pretrain_text", "stage1", "stage2", "evaluate"]
     assert list(result["metrics"]["steps"]) == steps
     for step in steps:
         r = json.loads((run_dir / step / "result.json").read_text())
@@ -43,6 +43,10 @@ def test_evaluation_outputs(micro_run):
         assert baseline in report, baseline
     assert "uncertain labels counted as **negative**" in report
     assert "in-house CXR encoder" in report  # the FID network is named
+    # Synthesised images are scored by the judge (another seed), not by phi, and the report says so.
+    assert "scored by the judge, a second CXR encoder trained independently of phi" in report
+    judge_cfg = json.loads((run_dir / "judge" / "result.json").read_text())
+    assert judge_cfg["checkpoint"] != json.loads((run_dir / "encoder" / "result.json").read_text())["checkpoint"]
     for f in ("per_study.csv", "samples.png", "reconstructions.png", "model_card.md", "metrics.json"):
         assert (ev / f).exists(), f
     card = (ev / "model_card.md").read_text()
@@ -52,6 +56,8 @@ def test_evaluation_outputs(micro_run):
     model = m["reports"]["systems"]["model"]
     assert 0 <= model["f1_micro_14"] <= 1 and len(model["ci95"]["f1_micro_14"]) == 2
     assert m["vqa"]["model"]["n"] > 0 and "accuracy" in m["vqa"]["majority_per_type"]
+    lf = m["images"]["label_fidelity"]["synthesized"]
+    assert lf["f1_ci95"][0] <= lf["f1"] <= lf["f1_ci95"][1] and "independently of phi" in m["images"]["judge"]
     assert result["metrics"]["report"] == str(ev / "report.md")
 
 
@@ -65,6 +71,20 @@ def test_rerun_skips_done_steps_and_a_config_change_reruns_only_downstream(micro
     statuses = {k: v["status"] for k, v in changed["metrics"]["steps"].items()}
     assert statuses.pop("evaluate") == "ran"
     assert set(statuses.values()) == {"skipped"}
+
+
+def test_another_run_reuses_the_finished_steps_it_shares(micro_run, tmp_path):
+    """--reuse: a run with another stage-2 setting takes the base run's data, encoders, tokenizer and stages it
+    shares as they are (no copy), and runs only stage 2 and the evaluation in its own folder."""
+    from mavilt.pipeline import run_pipeline
+
+    run_dir, _ = micro_run
+    out = run_pipeline(load_config("micro", ["stage2.clinical_token_weight=3"]), tmp_path / "row", reuse=run_dir)
+    statuses = {k: v["status"] for k, v in out["metrics"]["steps"].items()}
+    assert statuses == {"prepare": "reused", "encoder": "reused", "judge": "reused", "vqgan": "reused",
+                        "pretrain_text": "reused", "stage1": "reused", "stage2": "ran", "evaluate": "ran"}
+    assert not (tmp_path / "row" / "stage1").exists() and (tmp_path / "row" / "stage2" / "result.json").is_file()
+    assert out["metrics"]["stage1"] == json.loads((run_dir / "stage1" / "metrics.json").read_text())
 
 
 def export_as_csv_source(data: Path, root: Path) -> Path:
