@@ -194,6 +194,8 @@ class StageConfig(LLMTrainConfig):
     report_section: Section = setting("findings", "report section the report tasks read and write")
     condition_dropout: float = setting(0.1, "report->image tasks: probability of dropping the report, so "
                                             "classifier-free guidance can be used")
+    report_subsets: float = setting(0.0, "report->image tasks: probability of conditioning on a random subset of the "
+                                         "report's sentences (short prompts draw images too; 0: whole reports)")
     clinical_token_weight: float = setting(1.0, "loss weight of report tokens that name a finding, a negation or "
                                                 "hedge, a side or a size (mavilt.llm.weighting; 1: unweighted)")
     image_token_weight: float = setting(1.0, "loss weight of image codes where an image is the response (1: unweighted)")
@@ -545,6 +547,8 @@ def _check(cfg: Config) -> None:
         section = cfg.section(name)
         if isinstance(section, StageConfig):
             check_task_weights(name, section.task_weights)
+            if not 0 <= section.report_subsets <= 1:
+                raise ConfigError(f"{name}.report_subsets must be a probability in [0, 1], got {section.report_subsets}")
             for key in ("clinical_token_weight", "image_token_weight"):
                 if not getattr(section, key) > 0:
                     raise ConfigError(f"{name}.{key} must be > 0 (1: unweighted), got {getattr(section, key)}")

@@ -139,3 +139,19 @@ def test_ablation_rows_flip_the_defaults_lever_and_the_joint_stage_keeps_the_tot
     joint = cfg.with_overrides(ROWS["joint_stage"].overrides(cfg))
     assert joint.stage1.max_steps == 1
     assert joint.stage1.max_steps + joint.stage2.max_steps == cfg.stage1.max_steps + cfg.stage2.max_steps
+
+
+def test_synthesis_prompts_of_every_length_are_sentence_subsets_in_order():
+    from mavilt.llm.tasks import sentence_subset
+
+    report = "Cardiomegaly. Moderate right pleural effusion. No pneumothorax. The osseous structures are intact."
+    rng = np.random.default_rng(0)
+    draws = [sentence_subset(report, rng) for _ in range(200)]
+    sentences = report.split(". ")
+    for d in draws:
+        kept = [x.rstrip(".") for x in d.split(". ")]
+        assert kept and all(k.rstrip(".") in [x.rstrip(".") for x in sentences] for k in kept)
+        assert [x.rstrip(".") for x in sentences if x.rstrip(".") in kept] == kept  # in the report's order
+    lengths = {len(d.split(". ")) for d in draws}
+    assert lengths == {1, 2, 3, 4}  # one finding alone up to the whole report
+    assert sentence_subset("One sentence only.", rng) == "One sentence only."

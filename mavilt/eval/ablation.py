@@ -65,6 +65,9 @@ ROWS: dict[str, Row] = {r.name: r for r in (
         "1 if the default weights them, else 3", _flip_weight("clinical_token_weight", 3.0)),
     Row("image_weight", "loss weight of image codes as the response flipped: 1 if the default weights them, else 2",
         _flip_weight("image_token_weight", 2.0)),
+    Row("report_subsets", "synthesis trained on random sentence subsets of the report half of the time (prompts of "
+        "every length) flipped: 0 if the default does, else 0.5",
+        lambda cfg: [f"stage2.report_subsets={0.0 if cfg.stage2.report_subsets else 0.5}"]),
     Row("no_lambda_reg", "lambda_reg = 0 in both stages (no pull toward the pretrained LM)", _both_stages(lambda_reg=0.0),
         kind="seed"),
     Row("joint_stage", "one joint stage of the same total steps instead of two stages", _joint_stage, kind="seed"),

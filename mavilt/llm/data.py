@@ -35,6 +35,7 @@ class LLMData:
             vocab, codec, max_length=max_length,
             section=tc.report_section if isinstance(tc, StageConfig) else "findings",
             condition_dropout=tc.condition_dropout if isinstance(tc, StageConfig) else 0.0,
+            report_subsets=tc.report_subsets if isinstance(tc, StageConfig) else 0.0,
         )
         self.train_rows = train_rows
         self.has_validation, self.has_heldout = val_rows is not None, heldout_rows is not None
@@ -46,7 +47,7 @@ class LLMData:
         self.batches_per_epoch = self._build_epoch(0)
 
     def _epoch_examples(self, epoch: int, rows: list[Row], *, dropout: bool = True) -> list[Example]:
-        s = self.settings if dropout else replace(self.settings, condition_dropout=0.0)
+        s = self.settings if dropout else replace(self.settings, condition_dropout=0.0, report_subsets=0.0)
         return epoch_examples(rows, self.weights, s, seed=self.seed, epoch=epoch)
 
     def _build_epoch(self, epoch: int) -> int:

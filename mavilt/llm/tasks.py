@@ -16,12 +16,14 @@ vqa (stage 2)                 ``<bos> [img] Question: {question} Answer:``      
 ============================  ====================================================  ==============================
 
 Report->image prompts drop the report with probability ``condition_dropout`` (the unconditional prompt is
-fixed), which is what classifier-free guidance needs at sampling time. A new task is one class instance
+fixed), which is what classifier-free guidance needs at sampling time, and keep only a random subset of its
+sentences with probability ``report_subsets`` (short prompts then draw images too). A new task is one class instance
 here plus its name in a stage's task list (:mod:`mavilt.llm.stages`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -64,6 +66,7 @@ class ExampleSettings:
     section: str = "findings"
     max_length: int = 256
     condition_dropout: float = 0.0
+    report_subsets: float = 0.0  # report->image: probability of conditioning on a random subset of its sentences
 
 
 def _bos(vocab: JointVocab) -> list[int]:
@@ -85,6 +88,18 @@ def _fit_text(ids: list[int], budget: int) -> list[int]:
 
 def _paraphrase(rng: np.random.Generator) -> int:
     return int(rng.integers(1 << 30))
+
+
+def sentence_subset(report: str, rng: np.random.Generator) -> str:
+    """A random non-empty subset of the report's sentences, in their order: prompts of every length, from one
+    finding ("Moderate right pleural effusion.") to the whole report."""
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+", report) if x.strip()]
+    if len(sentences) < 2:
+        return report
+    keep = rng.random(len(sentences)) < rng.uniform(0.1, 0.9)
+    if not keep.any():
+        keep[rng.integers(len(sentences))] = True
+    return " ".join(x for x, k in zip(sentences, keep) if k)
 
 
 class Task:
@@ -189,6 +204,8 @@ class ReportToImageTask(Task):
     def example(self, row, s, rng):
         report = report_text(row, s.section).strip()
         drop = (not report) or (rng.random() < s.condition_dropout)
+        if not drop and s.report_subsets and rng.random() < s.report_subsets:
+            report = sentence_subset(report, rng)
         prompt = self.prompt(s.vocab, s.codec, None if drop else report, paraphrase=_paraphrase(rng),
                              max_length=s.max_length)
         response = s.vocab.image_span(row["codes"])[1:]  # the codes and <eoi>; <boi> ends the prompt
