@@ -41,7 +41,9 @@ apex base bases lobe lobes zone zones lingula retrocardiac perihilar hilar
 SIZE = """
 small moderate large mild mildly severe tiny trace minimal massive marked markedly extensive
 """.split()
-CLINICAL_WORDS: frozenset[str] = frozenset(FINDINGS + NEGATION + UNCERTAINTY + LATERALITY + SIZE)
+# Closed VQA answers: "no" is a negation cue, so "yes" must weigh the same or the answers' prior tilts to "no".
+ANSWERS = "yes".split()
+CLINICAL_WORDS: frozenset[str] = frozenset(FINDINGS + NEGATION + UNCERTAINTY + LATERALITY + SIZE + ANSWERS)
 _WORD_START = ("Ġ", "▁", " ")  # GPT-2 style BPE, SentencePiece, plain
 # Everyday words that merely begin a clinical one ("with" -> "without"): not clinical by themselves.
 _PREFIX_WORDS = frozenset("with can low per pro sub inter mark".split())
