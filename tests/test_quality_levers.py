@@ -155,3 +155,25 @@ def test_synthesis_prompts_of_every_length_are_sentence_subsets_in_order():
     lengths = {len(d.split(". ")) for d in draws}
     assert lengths == {1, 2, 3, 4}  # one finding alone up to the whole report
     assert sentence_subset("One sentence only.", rng) == "One sentence only."
+
+
+def test_rehearsal_is_an_optional_stage_task_in_the_format_of_held_out_text():
+    from mavilt.eval.ablation import ROWS
+    from mavilt.llm.stages import get_stage
+    from mavilt.llm.tasks import REPORT_TEXT, ExampleSettings
+
+    assert "report_text" not in get_stage("stage2").task_weights()  # off unless configured
+    cfg = load_config("tiny")
+    on = cfg.with_overrides(ROWS["rehearsal"].overrides(cfg))
+    assert on.stage2.task_weights == {**cfg.stage2.task_weights, "report_text": 0.25}
+    assert on.stage1.task_weights["report_text"] == 0.25
+
+    class Codec:
+        def encode(self, text):
+            return [5 + len(w) for w in text.split()]
+
+    s = ExampleSettings(JointVocab(text_vocab_size=50, codebook_size=4, tokens_per_image=2, pad_id=0, bos_id=2,
+                                   eos_id=1), Codec(), max_length=6)
+    ex = REPORT_TEXT.example({"findings": "No acute findings here.", "impression": "Normal study."}, s, None)
+    assert ex.input_ids[0] == 2 and ex.input_ids[-1] == 1 and len(ex) == 6  # cut to max_length, eos kept
+    assert ex.loss_mask == [False] + [True] * 5

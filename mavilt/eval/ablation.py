@@ -59,6 +59,17 @@ def _flip_weight(key: str, on: float) -> Callable[[Config], list[str]]:
     return overrides
 
 
+def _flip_rehearsal(cfg: Config) -> list[str]:
+    from mavilt.llm.stages import get_stage
+
+    out = []
+    for name in ("stage1", "stage2"):
+        weights = get_stage(name).task_weights(cfg.section(name).task_weights)
+        weights["report_text"] = 0.0 if weights.get("report_text") else 0.25
+        out.append(f"{name}.task_weights={{{', '.join(f'{k}: {v}' for k, v in weights.items())}}}")
+    return out
+
+
 ROWS: dict[str, Row] = {r.name: r for r in (
     Row("default", "the preset's default configuration"),
     Row("clinical_weight", "loss weight of clinical report tokens (finding, negation, hedge, side, size) flipped: "
@@ -68,6 +79,8 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("report_subsets", "synthesis trained on random sentence subsets of the report half of the time (prompts of "
         "every length) flipped: 0 if the default does, else 0.5",
         lambda cfg: [f"stage2.report_subsets={0.0 if cfg.stage2.report_subsets else 0.5}"]),
+    Row("rehearsal", "plain report text rehearsed in both stages (task report_text at weight 0.25) flipped: off if "
+        "the default rehearses", _flip_rehearsal),
     Row("no_lambda_reg", "lambda_reg = 0 in both stages (no pull toward the pretrained LM)", _both_stages(lambda_reg=0.0),
         kind="seed"),
     Row("joint_stage", "one joint stage of the same total steps instead of two stages", _joint_stage, kind="seed"),

@@ -38,17 +38,22 @@ class Stage:
     writes_bundle: bool  # its best checkpoint becomes the model bundle
     uses_images: bool  # needs a VQ-GAN and the code cache
 
+    optional_tasks: tuple[str, ...] = ()  # tasks it may train, off unless its task_weights name them
+
     def task_weights(self, configured: Mapping[str, float] | None = None) -> dict[str, float]:
-        """The configured sampling weights, or every task at 1."""
-        return dict(configured) if configured else {t: 1.0 for t in self.tasks}
+        """The configured sampling weights, or every (non-optional) task at 1."""
+        return dict(configured) if configured else {t: 1.0 for t in self.tasks if t not in self.optional_tasks}
 
 
 PRETRAIN_TEXT = Stage("pretrain_text", "text pretraining of the tiny LM", ("text",), "new_tiny_lm",
                       regularized=False, stores_theta0=False, writes_bundle=False, uses_images=False)
-STAGE1 = Stage("stage1", "image<->report alignment", ("image_to_report", "report_to_image"), "pretrained_lm",
-               regularized=True, stores_theta0=True, writes_bundle=False, uses_images=True)
-STAGE2 = Stage("stage2", "instruction tuning", ("report", "synthesize", "vqa"), "stage1_checkpoint",
-               regularized=True, stores_theta0=False, writes_bundle=True, uses_images=True)
+# report_text: rehearsal of plain report text, an option of both stages (keeps held-out text perplexity).
+STAGE1 = Stage("stage1", "image<->report alignment", ("image_to_report", "report_to_image", "report_text"),
+               "pretrained_lm", regularized=True, stores_theta0=True, writes_bundle=False, uses_images=True,
+               optional_tasks=("report_text",))
+STAGE2 = Stage("stage2", "instruction tuning", ("report", "synthesize", "vqa", "report_text"), "stage1_checkpoint",
+               regularized=True, stores_theta0=False, writes_bundle=True, uses_images=True,
+               optional_tasks=("report_text",))
 
 STAGES: dict[str, Stage] = {s.name: s for s in (PRETRAIN_TEXT, STAGE1, STAGE2)}
 

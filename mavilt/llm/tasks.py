@@ -10,6 +10,7 @@ task (stage)                  prompt                                            
 text (pretrain_text)          ``<bos>``                                             text ``<eos>``
 image_to_report (stage 1)     ``<bos> [img] Report:``                               report ``<eos>``
 report_to_image (stage 1)     ``<bos> Report: {report} Image: <boi>``               N codes ``<eoi>``
+report_text (stages, off)     ``<bos>``                                             report ``<eos>`` (rehearsal)
 report (stage 2)              ``<bos> [img] {instruction}``                         report ``<eos>``
 synthesize (stage 2)          ``<bos> {instruction} {report} <boi>``                N codes ``<eoi>``
 vqa (stage 2)                 ``<bos> [img] Question: {question} Answer:``          answer ``<eos>``
@@ -153,6 +154,23 @@ class TextTask(Task):
 
 
 @dataclass(frozen=True)
+class ReportTextTask(Task):
+    """Rehearsal of plain report text (``<bos>`` report ``<eos>``, as text pretraining), so the stages keep the
+    language the LM learnt: held-out text perplexity is measured in this format."""
+
+    name: str = "report_text"
+    image_conditioned: bool = False
+
+    def example(self, row, s, rng):
+        report = report_text(row, "both").strip()
+        if not report:
+            return None
+        bos = _bos(s.vocab)
+        body = _fit_text(s.codec.encode(report), s.max_length - len(bos) - 1) + [s.vocab.eos_id]
+        return Example(bos + body, [False] * len(bos) + [True] * len(body), self.name)
+
+
+@dataclass(frozen=True)
 class ImageToReportTask(Task):
     """CXR -> report, with one of the section's instructions after the image."""
 
@@ -246,8 +264,9 @@ SYNTHESIZE = ReportToImageTask("synthesize", (
     "Synthesize a chest X-ray for the following report: {report}",
 ))
 VQA = VQATask()
+REPORT_TEXT = ReportTextTask()
 
-TASKS: dict[str, Task] = {t.name: t for t in (TEXT, IMAGE_TO_REPORT, REPORT_TO_IMAGE, REPORT, SYNTHESIZE, VQA)}
+TASKS: dict[str, Task] = {t.name: t for t in (TEXT, IMAGE_TO_REPORT, REPORT_TO_IMAGE, REPORT, SYNTHESIZE, VQA, REPORT_TEXT)}
 
 
 def get_task(name: str) -> Task:
