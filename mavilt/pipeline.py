@@ -204,6 +204,10 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
             continue
         shared = None if step.name in force else _reusable(reuse_from, step.name, h)
         if shared:
+            # The run folder names what it took (the output and checkpoint stay where they are): the run reads
+            # as a whole, and running it again skips the step as done.
+            _clear_if_stale(out, h)
+            write_json(StepOutput(out).result, shared)
             results[step.name] = shared
             progress(f"[{i}/{len(steps)}] {step.name}: the same step of {Location.of(shared['reused_from']).parent.uri}, reused")
             summary.append((step.name, "reused", 0.0, shared))
@@ -230,8 +234,8 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
     table = _summary_table(summary, total)
     progress(table)
     # Every step's full metrics (a step skipped now: from its metrics.json), its status and time.
-    metrics = {name: (read_metrics(Location.of(r.get("reused_from") or run_dir / name)) if status in ("skipped", "reused")
-                      else r.get("metrics", {}))
+    metrics = {name: (read_metrics(Location.of(r["reused_from"]) if r.get("reused_from") else run_dir / name)
+                      if status in ("skipped", "reused") else r.get("metrics", {}))
                for name, status, _, r in summary}
     metrics["steps"] = {name: {"status": status, "seconds": round(sec, 1)} for name, status, sec, _ in summary}
     metrics["seconds"] = round(total, 1)
@@ -255,7 +259,7 @@ def _reusable(runs: list[Location], step: str, h: str) -> dict[str, Any] | None:
     for run in runs:
         found = read_result(run / step)
         if found and found.get("config_hash") == h:
-            return {**found, "reused_from": (run / step).uri}
+            return {**found, "reused_from": found.get("reused_from") or (run / step).uri}  # the step's own folder
     return None
 
 

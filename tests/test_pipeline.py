@@ -83,7 +83,10 @@ def test_another_run_reuses_the_finished_steps_it_shares(micro_run, tmp_path):
     statuses = {k: v["status"] for k, v in out["metrics"]["steps"].items()}
     assert statuses == {"prepare": "reused", "encoder": "reused", "judge": "reused", "vqgan": "reused",
                         "pretrain_text": "reused", "stage1": "reused", "stage2": "ran", "evaluate": "ran"}
-    assert not (tmp_path / "row" / "stage1").exists() and (tmp_path / "row" / "stage2" / "result.json").is_file()
+    taken = json.loads((tmp_path / "row" / "stage1" / "result.json").read_text())  # names what it took
+    assert taken["reused_from"] == str(run_dir / "stage1") and Path(taken["checkpoint"]).parent == run_dir / "stage1"
+    assert not list((tmp_path / "row" / "stage1").glob("checkpoint_*"))
+    assert (tmp_path / "row" / "stage2" / "result.json").is_file()
     assert out["metrics"]["stage1"] == json.loads((run_dir / "stage1" / "metrics.json").read_text())
 
 
@@ -161,3 +164,30 @@ def test_the_main_job_refuses_to_evaluate_one_section_against_another_before_tra
     with pytest.raises(ConfigError, match="eval.report_section=findings but stage2.report_section=impression"):
         run_pipeline(load_config("micro", ["stage2.report_section=impression"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_ablation_reuses_the_run_and_tables_each_row(micro_run, tmp_path):
+    """jobs/ablation.py's core on the micro run: the default row is the run itself (every step reused), a
+    decoding row only evaluates the default's bundle again; ablation.md has a row each with its CI."""
+    from mavilt.eval.ablation import run_ablation
+    from mavilt.storage import Location
+
+    run_dir, _ = micro_run
+    out = run_ablation(load_config("micro"), Location.of(tmp_path / "abl"), ["beam3"], seeds=1, default_seeds=1,
+                       reuse=[str(run_dir)])
+    default = json.loads((tmp_path / "abl" / "default-seed0" / "metrics.json").read_text())
+    statuses = {k: v["status"] for k, v in default["steps"].items()}
+    statuses.pop("evaluate")  # reused too unless an earlier test re-evaluated the run with other eval settings
+    assert set(statuses.values()) == {"reused"}
+    assert not (tmp_path / "abl" / "beam3-seed0" / "stage2").exists()
+    import yaml
+
+    beam = yaml.safe_load((tmp_path / "abl" / "beam3-seed0" / "evaluate" / "config.yaml").read_text())
+    assert beam["generate"]["num_beams"] == 3  # evaluated with the row's decoding
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| default | lever |" in md and "| beam3 | lever | reports by beam search" in md
+    assert "**test** split" in md and "synthesised images by the judge" in md
+    rows = out["metrics"]["rows"]
+    assert set(rows) == {"default", "beam3"} and rows["default"]["seeds"] == 1
+    evaluated = json.loads((tmp_path / "abl" / "default-seed0" / "metrics.json").read_text())["evaluate"]
+    assert rows["default"]["f1_micro_14"] == pytest.approx(evaluated["reports"]["systems"]["model"]["f1_micro_14"])

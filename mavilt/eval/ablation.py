@@ -124,8 +124,8 @@ def run_ablation(cfg: Config, out: Location, rows: list[str], seeds: int, defaul
             progress(f"ablation: {name}, seed {s} ({row.what})")
             if row.retrain:
                 shared = [*(reuse or []), out / "default-seed0"]
-                run_pipeline(cfg.with_overrides(over, source=f"ablation row {name}"), folder, reuse=shared)
-                evaluate = folder / "evaluate"
+                done = run_pipeline(cfg.with_overrides(over, source=f"ablation row {name}"), folder, reuse=shared)
+                evaluated = done["metrics"]["evaluate"]  # its own evaluation, or a reused one
             else:
                 base = out / f"default-seed{s}"
                 chain = {k: read_result(base / k) for k in ("prepare", "judge", "stage2")}
@@ -137,8 +137,9 @@ def run_ablation(cfg: Config, out: Location, rows: list[str], seeds: int, defaul
                     run_evaluate(chain["stage2"]["checkpoint"], chain["prepare"]["output"], evaluate,
                                  [o for o in over if o.startswith(("generate.", "eval."))] + cfg_eval_overrides(cfg),
                                  judge_checkpoint=chain["judge"]["checkpoint"])
+                evaluated = read_metrics(evaluate)
             trained = folder if row.retrain else out / f"default-seed{s}"
-            runs.setdefault(name, []).append(row_metrics(read_metrics(evaluate), folder, trained))
+            runs.setdefault(name, []).append(row_metrics(evaluated, folder, trained))
     table = {name: summarize(rs) for name, rs in runs.items()}
     md = ablation_markdown(table, runs, cfg)
     (out / "ablation.md").write_text(md)
