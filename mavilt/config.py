@@ -237,6 +237,8 @@ class EvalConfig:
     retrieval_pool: int = setting(4000, "training images the nearest-neighbour baseline searches")
     workers: int = setting(0, "Ray Data actors for generation; 0: auto (local on a CPU-only machine of <= 4 cores)")
     seed: int = setting(0, "seed of bootstraps, derangements and random codes")
+    judge_steps: int = setting(0, "training steps of the main job's judge, the second CXR encoder (seed "
+                                  "tune.judge_seed) that scores synthesised images (0: encoder.max_steps)")
 
 
 @dataclass

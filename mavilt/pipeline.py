@@ -100,7 +100,7 @@ def _judge(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
 
     progress(f"judge: a second CXR encoder (seed {cfg.tune.judge_seed}), trained independently of phi: the "
              "evaluation scores synthesised images with it")
-    return run_encoder(judge_config(cfg), results["prepare"]["output"], out.parent, out.name)
+    return run_encoder(judge_config(cfg, cfg.eval.judge_steps), results["prepare"]["output"], out.parent, out.name)
 
 
 def _vqgan(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
@@ -152,7 +152,7 @@ STEPS: list[Step] = [
 def _judge_encoder_section(cfg: Config) -> dict[str, Any]:
     from mavilt.train.steps import judge_config
 
-    return judge_config(cfg).to_dict()["encoder"]
+    return judge_config(cfg, cfg.eval.judge_steps).to_dict()["encoder"]
 
 
 def step_hash(cfg: Config, step: Step, results: Results, source: DataSource | None = None) -> str:
