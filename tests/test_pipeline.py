@@ -56,6 +56,7 @@ def test_evaluation_outputs(micro_run):
     model = m["reports"]["systems"]["model"]
     assert 0 <= model["f1_micro_14"] <= 1 and len(model["ci95"]["f1_micro_14"]) == 2
     assert m["vqa"]["model"]["n"] > 0 and "accuracy" in m["vqa"]["majority_per_type"]
+    assert set(m["images"]["label_fidelity"]) == {"synthesized", "mismatched_reports", "random_codes", "reconstructed", "real"}
     lf = m["images"]["label_fidelity"]["synthesized"]
     assert lf["f1_ci95"][0] <= lf["f1"] <= lf["f1_ci95"][1] and "independently of phi" in m["images"]["judge"]
     assert result["metrics"]["report"] == str(ev / "report.md")

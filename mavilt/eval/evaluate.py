@@ -359,18 +359,21 @@ class Evaluation:
             net, desc = load_fid_network(self.ec.fid_network, self.ec.fid_weights, judge)
         half = len(studies) // 2
         a, bh = slice(0, half), slice(half, 2 * half)
+        reconstructed = self._decode(self._encode(real))
         res["fid"] = {
             "real_vs_real": fid_report(real[a], real[bh], net, desc),
             "synthesized": fid_report(synth[a], real[bh], net, desc),
             "random_codes": fid_report(random_images[a], real[bh], net, desc),
-            "reconstructed": fid_report(self._decode(self._encode(real[a])), real[bh], net, desc),
+            "reconstructed": fid_report(reconstructed[a], real[bh], net, desc),
         }
         if judge is not None:
             perm = derangement(len(studies), self.ec.seed + 1)
             fidelity = lambda x: label_fidelity(judge, x, labels, uncertain_policy=self.ec.uncertain_policy,  # noqa: E731
                                                 n_boot=self.ec.bootstrap_samples, seed=self.ec.seed)
+            # The reconstructions say whether the tokenizer keeps the findings: the bound of any image the LM draws.
             res["label_fidelity"] = {"synthesized": fidelity(synth), "mismatched_reports": fidelity(synth[perm]),
-                                     "random_codes": fidelity(random_images), "real": fidelity(real)}
+                                     "random_codes": fidelity(random_images), "reconstructed": fidelity(reconstructed),
+                                     "real": fidelity(real)}
         self.save_grids(studies, real, synth, labels)
         return res
 

@@ -137,7 +137,9 @@ def image_section(m: dict[str, Any], lines: list[str]) -> None:
                   "bootstrap 95% CI over images; AUROC per observation, averaged).", "",
                   "| images | hit rate | precision | F1 | mean AUROC |", "|---|---|---|---|---|"]
         lnames = {"synthesized": "synthesised from the study's report", "mismatched_reports": "synthesised from another study's report",
-                  "random_codes": "decoded from random codes", "real": "the real images (encoder bound)"}
+                  "random_codes": "decoded from random codes",
+                  "reconstructed": "VQ-GAN reconstructions of the real images (tokenizer bound)",
+                  "real": "the real images (encoder bound)"}
         for k, r in lf.items():
             lines.append(f"| {lnames.get(k, k)} | {_f(r.get('hit_rate'))} | {_f(r.get('precision'))} | {_ci(r.get('f1'), r.get('f1_ci95'))} | "
                          f"{_f(r.get('mean_auroc'))} |")
