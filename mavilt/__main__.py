@@ -260,7 +260,7 @@ def _say_if_resized(path: Path, size: int) -> None:
 
 def _report_skipped(args: argparse.Namespace, skipped: list[tuple[str, str]]) -> None:
     for path, reason in skipped:
-        print(f"mavilt {args.command}: skipped {reason}", file=sys.stderr, flush=True)
+        print(f"mavilt {args.command}: skipped: {reason}", file=sys.stderr, flush=True)
         if args.json:
             _emit({"path": path, "skipped": reason})
 

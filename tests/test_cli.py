@@ -170,7 +170,7 @@ def test_report_skips_a_bad_file_answers_the_others_and_says_so_in_its_status(wo
     assert skipped == {str(text): f"{text} is not a PNG, JPEG or DICOM image (it starts with text)",
                        str(empty): f"{empty} is not a PNG, JPEG or DICOM image (it is empty)",
                        str(tmp_path / "gone.png"): f"image file not found: {tmp_path / 'gone.png'}"}
-    assert len(err.strip().splitlines()) == 3 and all(" skipped " in ln for ln in err.strip().splitlines())
+    assert len(err.strip().splitlines()) == 3 and all(" skipped: " in ln for ln in err.strip().splitlines())
     # Plain text output: the same, the answered lines only on stdout.
     rc, out, _ = run_main(capsys, "report", world["png"], text, "--bundle", world["bundle"], "--max-new-tokens", "4")
     assert rc == 3 and [ln.split("\t")[0] for ln in out.splitlines()] == [str(world["png"])]
