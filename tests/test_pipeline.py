@@ -187,7 +187,7 @@ def test_an_ablation_reuses_the_run_and_tables_each_row(micro_run, tmp_path):
     beam = yaml.safe_load((tmp_path / "abl" / "beam3-seed0" / "evaluate" / "config.yaml").read_text())
     assert beam["generate"]["num_beams"] == 3  # evaluated with the row's decoding
     md = (tmp_path / "abl" / "ablation.md").read_text()
-    assert "| default | lever |" in md and "| beam3 | lever | reports by beam search" in md
+    assert "| default | default |" in md and "| beam3 | lever | reports by beam search" in md
     assert "**test** split" in md and "synthesised images by the judge" in md
     rows = out["metrics"]["rows"]
     assert set(rows) == {"default", "beam3"} and rows["default"]["seeds"] == 1

@@ -125,7 +125,7 @@ def test_ablation_summary_is_mean_and_std_over_seeds_and_one_seed_shows_its_ci()
     assert table["default"]["f1_micro_14"] == pytest.approx(0.6)
     assert table["default"]["f1_micro_14_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     md = ablation_markdown(table, runs, load_config("tiny"))
-    assert "| default | lever | the preset's default configuration | 2 | 0.600 ± 0.141 |" in md
+    assert "| default | default | the preset's default configuration | 2 | 0.600 ± 0.141 |" in md
     assert f"| beam3 | lever | {ROWS['beam3'].what} | 1 | 0.650 [0.600, 0.700] |" in md
     assert "**validate** split" in md and "F1 micro-14 0.900" in md
 

@@ -35,7 +35,8 @@ class Row:
     name: str
     what: str  # the lever, in words
     overrides: Callable[[Config], list[str]] = field(default=lambda cfg: [])
-    kind: str = "lever"  # lever: a candidate for the default; option: changes the method (off by default); seed: the seed paper's ablations
+    kind: str = "lever"  # lever: a candidate for the default; option: changes the method (off by default); seed:
+    # the seed paper's ablations; default: the row the others are compared with
     retrain: bool = True  # False: only decoding changes; the default row's bundle is evaluated again
 
 
@@ -71,7 +72,7 @@ def _flip_rehearsal(cfg: Config) -> list[str]:
 
 
 ROWS: dict[str, Row] = {r.name: r for r in (
-    Row("default", "the preset's default configuration"),
+    Row("default", "the preset's default configuration", kind="default"),
     Row("clinical_weight", "loss weight of clinical report tokens (finding, negation, hedge, side, size) flipped: "
         "1 if the default weights them, else 3", _flip_weight("clinical_token_weight", 3.0)),
     Row("image_weight", "loss weight of image codes as the response flipped: 1 if the default weights them, else 2",
