@@ -160,7 +160,7 @@ class Bundle:
         """``generate.rerank_candidates``: sampled candidates besides ``first``, the one phi agrees with kept."""
         from mavilt.eval.fidelity import observation_probabilities
         from mavilt.llm.generate import generate_text
-        from mavilt.llm.rerank import rerank_reports
+        from mavilt.eval.rerank import rerank_reports
 
         if self.encoder is None or IMAGE_DECODER not in self.parts:
             raise BundleError(f"generate.rerank_candidates={g.rerank_candidates} needs the bundle's CXR encoder and "

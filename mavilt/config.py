@@ -216,7 +216,7 @@ class GenerateConfig:
     seed: int = setting(0, "sampling seed")
     rerank_candidates: int = setting(0, "reports: draw this many candidates (the greedy/beam one and sampled ones) "
                                         "and keep the one whose findings agree best with the bundle's CXR encoder "
-                                        "(mavilt.llm.rerank; 0 or 1: off)")
+                                        "(mavilt.eval.rerank; 0 or 1: off)")
 
 
 @dataclass

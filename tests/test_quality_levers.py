@@ -74,7 +74,7 @@ def test_a_stage_weight_must_be_positive():
 
 def test_rerank_keeps_the_candidate_the_encoder_agrees_with_and_the_first_on_a_tie():
     from mavilt.data.labels import OBSERVATIONS
-    from mavilt.llm.rerank import pick_by_agreement, rerank_reports
+    from mavilt.eval.rerank import pick_by_agreement, rerank_reports
 
     p = np.full((2, len(OBSERVATIONS)), 0.05)
     p[0, OBSERVATIONS.index("Pleural Effusion")] = 0.95
