@@ -43,11 +43,18 @@ CONFIG_VERSION = 3
 Section = Literal["findings", "impression", "both"]
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A config field with its help text (shown in errors and by ``--help``-like listings)."""
+_UNSET = object()
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            neutral: Any = _UNSET) -> Any:
+    """A config field with its help text (shown in errors and by ``--help``-like listings). ``neutral``: for a
+    field added after runs were made, the value at which it changes nothing; :meth:`Config.hash` leaves the field
+    out at that value, so the finished steps of earlier runs keep their hash and are not made again."""
+    metadata = {"help": help, **({"neutral": neutral} if neutral is not _UNSET else {})}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -217,6 +224,11 @@ class GenerateConfig:
     rerank_candidates: int = setting(0, "reports: draw this many candidates (the greedy/beam one and sampled ones) "
                                         "and keep the one whose findings agree best with the bundle's CXR encoder "
                                         "(mavilt.eval.rerank; 0 or 1: off)")
+    image_contrast: float = setting(0.0, "reports: visual contrastive decoding, greedy on (1+a) log p(token | image) "
+                                         "- a log p(token | random image codes) among the tokens the image makes "
+                                         "plausible; promotes what the image, not the language prior, says; greedy decoding only (a "
+                                         "call asking for beams or sampling decodes without it; 0: off)",
+                                    neutral=0.0)
 
 
 @dataclass
@@ -355,8 +367,15 @@ class Config:
         return Location.of(path).write_text(self.to_yaml())
 
     def hash(self, *sections: str) -> str:
-        """Stable hash of the whole config, or of the named sections only."""
+        """Stable hash of the whole config, or of the named sections only; a field at its ``neutral`` value (see
+        :func:`setting`) is left out, as if it did not exist."""
         d = self.to_dict()
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                for g in dataclasses.fields(section):
+                    if "neutral" in g.metadata and getattr(section, g.name) == g.metadata["neutral"]:
+                        del d[f.name][g.name]
         return config_hash({s: d[s] for s in sections} if sections else d)
 
     def with_overrides(self, overrides: list[str] | dict[str, Any], source: str = "--set") -> "Config":
@@ -554,6 +573,9 @@ def _check(cfg: Config) -> None:
             for key in ("clinical_token_weight", "image_token_weight"):
                 if not getattr(section, key) > 0:
                     raise ConfigError(f"{name}.{key} must be > 0 (1: unweighted), got {getattr(section, key)}")
+    g = cfg.generate
+    if g.image_contrast < 0:
+        raise ConfigError(f"generate.image_contrast must be >= 0 (0: off), got {g.image_contrast}")
     _check_serve(cfg.serve)
 
 

@@ -130,9 +130,10 @@ def _stage2(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
 
 
 def _evaluate(cfg: Config, out: Location, results: Results) -> dict[str, Any]:
-    from mavilt.eval.evaluate import run_evaluate
+    from mavilt.eval.evaluate import evaluation_settings, run_evaluate
 
-    return run_evaluate(results["stage2"]["checkpoint"], results["prepare"]["output"], out,
+    # This run's evaluation settings, not the bundle's: a reused stage 2 was trained under other ones.
+    return run_evaluate(results["stage2"]["checkpoint"], results["prepare"]["output"], out, evaluation_settings(cfg),
                         judge_checkpoint=results["judge"]["checkpoint"])
 
 
@@ -239,7 +240,9 @@ def run_pipeline(cfg: Config, run_dir: str | Path | Location, force: list[str] |
                for name, status, _, r in summary}
     metrics["steps"] = {name: {"status": status, "seconds": round(sec, 1)} for name, status, sec, _ in summary}
     metrics["seconds"] = round(total, 1)
-    report = run_dir / "evaluate" / "report.md"
+    evaluated = next((r for name, _, _, r in summary if name == "evaluate"), {})
+    # A reused evaluation's report stays where it was made; this run's folder holds only its result.json.
+    report = (Location.of(evaluated["reused_from"]) if evaluated.get("reused_from") else run_dir / "evaluate") / "report.md"
     metrics["report"] = str(report) if report.is_file() else None
     if metrics["report"]:
         progress(f"report: {report}")

@@ -52,6 +52,19 @@ def test_each_part_loads_alone_and_gives_what_the_whole_bundle_gives(bundle_dir)
     assert n(enc.vqgan) < n(whole.vqgan) and n(dec.vqgan) < n(whole.vqgan)
 
 
+def test_contrastive_reports_from_a_bundle_are_the_same_alone_and_in_a_batch(bundle_dir):
+    """generate.image_contrast: the contrast codes are the same for every row, so a served report does not
+    depend on the requests it was batched with."""
+    b = load_bundle(bundle_dir, device="cpu", parts=[LANGUAGE_MODEL])
+    codes = load_bundle(bundle_dir, device="cpu", parts=[IMAGE_ENCODER]).encode_images(_images(3))
+    both = b.report_from_codes(codes, max_new_tokens=8, image_contrast=1.5, num_beams=1)
+    assert len(both) == 3 and all(isinstance(r, str) for r in both)
+    assert b.report_from_codes(codes[2:], max_new_tokens=8, image_contrast=1.5, num_beams=1) == both[2:]
+    # Beam search asked for by a call (the CLI's --beams, a served request) decodes without the contrast.
+    assert b.report_from_codes(codes, max_new_tokens=8, image_contrast=1.5, num_beams=2) == \
+        b.report_from_codes(codes, max_new_tokens=8, image_contrast=0.0, num_beams=2)
+
+
 def test_unknown_parts_are_refused_by_name(bundle_dir):
     with pytest.raises(BundleError, match="unknown bundle parts \\['vqgan'\\]: choose among"):
         load_bundle(bundle_dir, device="cpu", parts=["vqgan"])

@@ -11,7 +11,9 @@ from mavilt.checkpoints import Theta0Files
 from mavilt.config import load_config
 from mavilt.errors import ConfigError
 from mavilt.llm.generate import (
+    CONTRAST_PLAUSIBILITY,
     answer_probabilities,
+    contrastive_choice,
     generate_image_codes,
     generate_text,
     sample_logits,
@@ -418,6 +420,39 @@ def test_lean_and_hugging_face_decoding_choose_the_same_ids(small, monkeypatch):
         assert torch.equal(got, generate_image_codes(m, v, prompts, seed=4, **kw))
     assert lean_text == generate_text(m, v, reports, max_new_tokens=12)
     assert all(len(x) > 0 for x in lean_text)
+
+
+def test_contrastive_choice_promotes_what_the_image_adds_among_plausible_tokens():
+    # Token 0 is the language prior (likely with any image), token 1 is likely only with this image, token 2 is
+    # far likelier with this image than without but implausible (below the plausibility fraction of the best).
+    p = torch.tensor([[0.55, 0.40, 0.05 * CONTRAST_PLAUSIBILITY, 0.05 - 0.05 * CONTRAST_PLAUSIBILITY]])
+    q = torch.tensor([[0.55, 0.05, 1e-6, 0.40 - 1e-6]])
+    logits, contrast = p.log(), q.log()
+    assert logits.argmax(-1).item() == 0
+    assert contrastive_choice(logits, contrast, 0.0).item() == 0  # no contrast: greedy
+    assert contrastive_choice(logits, contrast, 1.0).item() == 1
+    assert contrastive_choice(logits, contrast, 100.0).item() == 1  # token 2 never, however strong the contrast
+    assert contrastive_choice(logits + 3.0, contrast - 2.0, 1.0).item() == 1  # logits, not probabilities, in
+
+
+def test_contrastive_reports_against_the_same_prompt_are_greedy_and_do_not_depend_on_the_batch(small):
+    m, v, codec = small["model"], small["vocab"], small["codec"]
+    reports = [REPORT.prompt(v, codec, np.arange(16) % 32), REPORT.prompt(v, codec, (np.arange(16) * 7) % 32)]
+    noise = [REPORT.prompt(v, codec, (np.arange(16) * 5 + 3) % 32)] * 2
+    greedy = generate_text(m, v, reports, max_new_tokens=12)
+    # log p - log q = 0 for every token: the plausible argmax is the greedy one.
+    assert generate_text(m, v, reports, max_new_tokens=12, contrast_prompts=reports, contrast=2.0) == greedy
+    contrasted = generate_text(m, v, reports, max_new_tokens=12, contrast_prompts=noise, contrast=2.0)
+    assert all(len(x) > 0 and all(t < v.text_vocab_size for t in x) for x in contrasted)
+    assert generate_text(m, v, reports[1:], max_new_tokens=12, contrast_prompts=noise[1:], contrast=2.0) == contrasted[1:]
+    with pytest.raises(ConfigError, match="greedy decoding .* generate.num_beams=1"):
+        generate_text(m, v, reports, max_new_tokens=4, num_beams=2, contrast_prompts=noise, contrast=1.0)
+    with pytest.raises(ValueError, match="one contrast prompt of the same length per prompt"):
+        generate_text(m, v, reports, max_new_tokens=4, contrast_prompts=noise[:1], contrast=1.0)
+    with pytest.raises(ConfigError, match="generate.image_contrast must be >= 0"):
+        load_config("micro", ["generate.image_contrast=-1"])
+    # A greedy-decoding setting: with beam search asked for, the config is valid and the bundle decodes without it.
+    assert load_config("micro", ["generate.image_contrast=1", "generate.num_beams=3"]).generate.num_beams == 3
 
 
 def test_closed_vqa_probabilities_sum_to_one(small):

@@ -160,3 +160,21 @@ def test_one_jvm_per_process_shared_by_threads() -> None:
         t.join()
     assert len(results) == 3 and results[0] == results[1] == results[2]
     assert nlg._meteor is not None and nlg._meteor._scorer.meteor_p.pid == pid
+
+
+def test_bleu_from_per_report_counts_is_corpus_bleu_for_any_resample() -> None:
+    """The BLEU-4 bootstrap sums per-report counts: every resample (repeats, a short corpus with the brevity
+    penalty, one report) gives what pycocoevalcap computes on those reports."""
+    import numpy as np
+
+    from mavilt.eval.evaluate import bleu4_from_counts, bleu_counts
+
+    refs = [normalize_report(r) for r in REFS]
+    hyps = [normalize_report(h) or EMPTY_PLACEHOLDER for h in HYPS]
+    counts = bleu_counts(refs, hyps)
+    assert counts.shape == (len(REFS), 10)
+    rng = np.random.default_rng(0)
+    for idx in ([0, 1, 2, 3, 4, 5], [3, 3, 5], [1], list(rng.integers(0, len(REFS), 12))):
+        picked_refs, picked_hyps = [refs[i] for i in idx], [hyps[i] for i in idx]
+        expected = score(picked_refs, picked_hyps, include_meteor=False)["BLEU-4"]
+        assert bleu4_from_counts(counts[idx]) == pytest.approx(expected, rel=1e-9, abs=1e-15), idx

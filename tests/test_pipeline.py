@@ -73,6 +73,10 @@ def test_rerun_skips_done_steps_and_a_config_change_reruns_only_downstream(micro
     statuses = {k: v["status"] for k, v in changed["metrics"]["steps"].items()}
     assert statuses.pop("evaluate") == "ran"
     assert set(statuses.values()) == {"skipped"}
+    # The evaluation ran with this run's setting, not with the one saved in the reused stage 2's bundle.
+    import yaml
+
+    assert yaml.safe_load((run_dir / "evaluate" / "config.yaml").read_text())["eval"]["bootstrap_samples"] == 20
 
 
 def test_another_run_reuses_the_finished_steps_it_shares(micro_run, tmp_path):
@@ -193,3 +197,19 @@ def test_an_ablation_reuses_the_run_and_tables_each_row(micro_run, tmp_path):
     assert set(rows) == {"default", "beam3"} and rows["default"]["seeds"] == 1
     evaluated = json.loads((tmp_path / "abl" / "default-seed0" / "metrics.json").read_text())["evaluate"]
     assert rows["default"]["f1_micro_14"] == pytest.approx(evaluated["reports"]["systems"]["model"]["f1_micro_14"])
+    report = Path(json.loads((tmp_path / "abl" / "default-seed0" / "metrics.json").read_text())["report"])
+    assert report.is_file() and report.parent.name == "evaluate"  # the reused evaluation's, where it was made
+
+    # The command's other evaluation settings reach the decoding rows too; an evaluation made with other settings
+    # is made again, one made with the same is kept.
+    beam_result = tmp_path / "abl" / "beam3-seed0" / "evaluate" / "result.json"
+    first = beam_result.read_text()
+    run_ablation(load_config("micro", ["eval.bootstrap_samples=20"]), Location.of(tmp_path / "abl"), ["beam3"],
+                 seeds=1, default_seeds=1, reuse=[str(run_dir)])
+    again = yaml.safe_load((tmp_path / "abl" / "beam3-seed0" / "evaluate" / "config.yaml").read_text())
+    assert again["eval"]["bootstrap_samples"] == 20 and again["generate"]["num_beams"] == 3
+    second = beam_result.read_text()
+    assert second != first
+    run_ablation(load_config("micro", ["eval.bootstrap_samples=20"]), Location.of(tmp_path / "abl"), ["beam3"],
+                 seeds=1, default_seeds=1, reuse=[str(run_dir)])
+    assert beam_result.read_text() == second

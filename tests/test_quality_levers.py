@@ -136,6 +136,11 @@ def test_ablation_rows_flip_the_defaults_lever_and_the_joint_stage_keeps_the_tot
     cfg = load_config("tiny")
     assert ROWS["clinical_weight"].overrides(cfg)[-1] == (
         "stage2.clinical_token_weight=3.0" if cfg.stage2.clinical_token_weight == 1.0 else "stage2.clinical_token_weight=1.0")
+    for base in (cfg, cfg.with_overrides(["generate.image_contrast=0"])):
+        flipped = base.with_overrides(ROWS["image_contrast"].overrides(base))  # a valid config either way
+        assert (flipped.generate.image_contrast > 0) != (base.generate.image_contrast > 0)
+    beam = cfg.with_overrides(ROWS["beam3"].overrides(cfg))  # beam search with the default's contrast off
+    assert beam.generate.num_beams == 3 and beam.generate.image_contrast == 0
     joint = cfg.with_overrides(ROWS["joint_stage"].overrides(cfg))
     assert joint.stage1.max_steps == 1
     assert joint.stage1.max_steps + joint.stage2.max_steps == cfg.stage1.max_steps + cfg.stage2.max_steps
@@ -177,3 +182,16 @@ def test_rehearsal_is_an_optional_stage_task_in_the_format_of_held_out_text():
     ex = REPORT_TEXT.example({"findings": "No acute findings here.", "impression": "Normal study."}, s, None)
     assert ex.input_ids[0] == 2 and ex.input_ids[-1] == 1 and len(ex) == 6  # cut to max_length, eos kept
     assert ex.loss_mask == [False] + [True] * 5
+
+
+def test_a_field_at_its_neutral_value_leaves_the_step_hashes_of_earlier_runs_as_they_were():
+    """generate.image_contrast came after runs were made: off, it is left out of the hash (their stage 2 and
+    evaluation are not made again); on, the hash changes."""
+    from mavilt.hashing import config_hash
+
+    cfg = load_config("tiny", ["generate.image_contrast=0"])
+    before = cfg.to_dict()
+    del before["generate"]["image_contrast"]  # the section as a run made before the field saved it
+    assert cfg.hash("generate", "eval") == config_hash({"generate": before["generate"], "eval": before["eval"]})
+    assert cfg.with_overrides(["generate.image_contrast=2"]).hash("generate") != cfg.hash("generate")
+    assert "image_contrast" in cfg.to_dict()["generate"]  # saved configs still name it

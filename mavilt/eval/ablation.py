@@ -85,7 +85,11 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("no_lambda_reg", "lambda_reg = 0 in both stages (no pull toward the pretrained LM)", _both_stages(lambda_reg=0.0),
         kind="seed"),
     Row("joint_stage", "one joint stage of the same total steps instead of two stages", _joint_stage, kind="seed"),
-    Row("beam3", "reports by beam search, width 3 (default: greedy)", lambda cfg: ["generate.num_beams=3"], retrain=False),
+    Row("beam3", "reports by beam search, width 3 (default: greedy; contrastive decoding off, it is greedy)",
+        lambda cfg: ["generate.num_beams=3", "generate.image_contrast=0"], retrain=False),
+    Row("image_contrast", "visual contrastive decoding of reports (the image against random codes) flipped: off if "
+        "the default contrasts, else at 3", lambda cfg: [f"generate.image_contrast={0.0 if cfg.generate.image_contrast else 3.0}"],
+        retrain=False),
     Row("rerank8", "8 report candidates (greedy + 7 sampled at temperature 0.7), the one phi agrees with kept",
         lambda cfg: ["generate.rerank_candidates=8", "generate.temperature=0.7", "generate.top_p=1.0"],
         kind="option", retrain=False),
@@ -104,9 +108,8 @@ def run_ablation(cfg: Config, out: Location, rows: list[str], seeds: int, defaul
     ablation.json in ``out``. A row's run folder is ``out/<row>-seed<s>``; a finished one is not run again.
     ``reuse``: finished runs whose steps the rows share; the default row's first seed is searched after them,
     so the judge, the data and the tokenizer are made at most once."""
-    from mavilt.eval.evaluate import run_evaluate
     from mavilt.pipeline import run_pipeline
-    from mavilt.runs import finish, read_metrics, read_result
+    from mavilt.runs import finish
 
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -116,6 +119,10 @@ def run_ablation(cfg: Config, out: Location, rows: list[str], seeds: int, defaul
     t0 = time.perf_counter()
     out.mkdir()
     runs: dict[str, list[dict[str, Any]]] = {}
+
+    def default_run(seed: int) -> Location:
+        return out / f"default-seed{seed}"
+
     for name in rows:
         row = ROWS[name]
         n = default_seeds if name == "default" else seeds
@@ -124,22 +131,13 @@ def run_ablation(cfg: Config, out: Location, rows: list[str], seeds: int, defaul
             over = row.overrides(cfg) + seed_overrides(s)
             progress(f"ablation: {name}, seed {s} ({row.what})")
             if row.retrain:
-                shared = [*(reuse or []), out / "default-seed0"]
+                shared = [*(reuse or []), default_run(0)]
                 done = run_pipeline(cfg.with_overrides(over, source=f"ablation row {name}"), folder, reuse=shared)
                 evaluated = done["metrics"]["evaluate"]  # its own evaluation, or a reused one
+                trained = folder
             else:
-                base = out / f"default-seed{s}"
-                chain = {k: read_result(base / k) for k in ("prepare", "judge", "stage2")}
-                if not all(chain.values()):
-                    raise ConfigError(f"ablation row {name} evaluates the default row's bundle of seed {s}, which "
-                                      f"{base.uri} does not hold: run the default row with as many seeds")
-                evaluate = folder / "evaluate"
-                if not read_result(evaluate):
-                    run_evaluate(chain["stage2"]["checkpoint"], chain["prepare"]["output"], evaluate,
-                                 [o for o in over if o.startswith(("generate.", "eval."))] + cfg_eval_overrides(cfg),
-                                 judge_checkpoint=chain["judge"]["checkpoint"])
-                evaluated = read_metrics(evaluate)
-            trained = folder if row.retrain else out / f"default-seed{s}"
+                trained = default_run(s)
+                evaluated = _evaluate_decoding(cfg, name, over, trained, folder / "evaluate")
             runs.setdefault(name, []).append(row_metrics(evaluated, folder, trained))
     table = {name: summarize(rs) for name, rs in runs.items()}
     md = ablation_markdown(table, runs, cfg)
@@ -152,9 +150,27 @@ def run_ablation(cfg: Config, out: Location, rows: list[str], seeds: int, defaul
                   config_hash([rows, seeds, default_seeds, cfg.to_dict()]), picked=picked)
 
 
-def cfg_eval_overrides(cfg: Config) -> list[str]:
-    """The evaluation settings of the command's config (e.g. ``--set eval.split=validate``) for re-evaluations."""
-    return [f"eval.split={cfg.eval.split}"] + ([f"eval.limit={cfg.eval.limit}"] if cfg.eval.limit else [])
+def _evaluate_decoding(cfg: Config, name: str, overrides: list[str], base: Location, out: Location) -> dict[str, Any]:
+    """A decoding row: the default row's bundle in ``base`` evaluated again at ``out`` with the command's
+    evaluation and decoding settings (every ``eval.*`` and ``generate.*`` of ``cfg``) and the row's. An
+    evaluation already there is kept only if it was made with exactly these settings."""
+    from mavilt.config import parse_overrides
+    from mavilt.eval.evaluate import evaluation_config, evaluation_hash, evaluation_settings, run_evaluate
+    from mavilt.runs import read_metrics, read_result
+
+    chain = {k: read_result(base / k) for k in ("prepare", "judge", "stage2")}
+    if not all(chain.values()):
+        raise ConfigError(f"ablation row {name} evaluates the default row's bundle in {base.uri}, which is not "
+                          f"finished there: run the default row with as many seeds")
+    settings = evaluation_settings(cfg)
+    for section, values in parse_overrides([o for o in overrides if o.startswith(("generate.", "eval."))]).items():
+        settings[section].update(values)
+    bundle, data, judge = chain["stage2"]["checkpoint"], chain["prepare"]["output"], chain["judge"]["checkpoint"]
+    previous = read_result(out)
+    if not previous or previous.get("config_hash") != evaluation_hash(bundle, data, evaluation_config(bundle, settings),
+                                                                      judge):
+        run_evaluate(bundle, data, out, settings, judge_checkpoint=judge)
+    return read_metrics(out)
 
 
 def row_metrics(m: dict[str, Any], folder: Location, trained: Location) -> dict[str, Any]:

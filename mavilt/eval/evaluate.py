@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import tempfile
 import time
 from collections import Counter
@@ -43,12 +44,26 @@ CE_KEYS = ("f1_micro_14", "f1_macro_14", "f1_micro_5", "f1_macro_5")
 # ---- report metrics ------------------------------------------------------------------------------------
 
 
-def _bleu4(refs: list[str], hyps: list[str]) -> float:
-    """Corpus BLEU-4 of already-normalised texts (pure Python): what the bootstrap recomputes per replicate."""
-    from pycocoevalcap.bleu.bleu import Bleu
+def bleu_counts(refs: list[str], hyps: list[str]) -> np.ndarray:
+    """Per report (one reference each), the counts pycocoevalcap's corpus BLEU sums: hypothesis length,
+    reference length, n-grams guessed (n = 1..4) and n-grams correct (n = 1..4). A bootstrap replicate of
+    corpus BLEU is then a sum over resampled rows (:func:`bleu4_from_counts`), not a new n-gram count."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
-    bleu, _ = Bleu(4).compute_score({i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}, verbose=0)
-    return float(bleu[3])
+    scorer = BleuScorer(n=4)
+    for ref, hyp in zip(refs, hyps):
+        scorer += (hyp, [ref])
+    return np.array([[c["testlen"], c["reflen"][0], *c["guess"], *c["correct"]] for c in scorer.ctest], dtype=np.float64)
+
+
+def bleu4_from_counts(counts: np.ndarray) -> float:
+    """Corpus BLEU-4 from :func:`bleu_counts` rows: BleuScorer's formula (its smoothing constants, its brevity
+    penalty with the closest reference length), so it equals pycocoevalcap's BLEU-4 of the same reports."""
+    total = counts.sum(0)
+    test_len, ref_len, guess, correct = total[0], total[1], total[2:6], total[6:10]
+    bleu = float(np.prod((correct + 1e-15) / (guess + 1e-9)) ** 0.25)
+    ratio = (test_len + 1e-15) / (ref_len + 1e-9)
+    return bleu * math.exp(1 - 1 / ratio) if ratio < 1 else bleu
 
 
 def _rouge_per_report(refs: list[str], hyps: list[str]) -> np.ndarray:
@@ -85,8 +100,8 @@ def report_metrics(refs: list[str], hyps: list[str], ref_labels: list[dict], cfg
         ci[key] = list(bootstrap_ci(fn, y_true, y_pred, n_boot=ec.bootstrap_samples, seed=ec.seed))[1:]
     n_refs = [normalize_report(r, ec.max_words) for r in refs]
     n_hyps = [normalize_report(h, ec.max_words) or EMPTY_PLACEHOLDER for h in hyps]
-    ci["BLEU-4"] = list(bootstrap_ci(lambda r, h: _bleu4(list(r), list(h)), n_refs, n_hyps,
-                                     n_boot=ec.nlg_bootstrap_samples, seed=ec.seed))[1:]
+    ci["BLEU-4"] = list(bootstrap_ci(bleu4_from_counts, bleu_counts(n_refs, n_hyps), n_boot=ec.nlg_bootstrap_samples,
+                                     seed=ec.seed))[1:]
     ci["ROUGE-L"] = list(bootstrap_ci(_mean, _rouge_per_report(n_refs, n_hyps), n_boot=ec.bootstrap_samples, seed=ec.seed))[1:]
     out["ci95"] = ci
     out["hyp_matrix"] = y_pred
@@ -109,22 +124,19 @@ def paired_f1_diffs(y_true: np.ndarray, a_pred: np.ndarray, b_pred: np.ndarray, 
 # ---- the job ---------------------------------------------------------------------------------------------
 
 
-def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg_overrides: list[str] | None = None,
-                 split: str | None = None, limit: int | None = None,
-                 judge_checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """``judge_checkpoint``: a second CXR encoder trained independently of the bundle's phi (the pipeline's judge
-    step, or ``jobs/encoder.py`` with another ``encoder.seed``); synthesised images are scored by it. Without
-    one they are scored by phi, and the report says that this judge is not independent."""
-    from mavilt import load_bundle
-    from mavilt.runs import StepOutput, finish
+def evaluation_config(bundle_path: str | Path | Location, cfg_overrides: list[str] | dict[str, Any] | None = None
+                      ) -> Config:
+    """The config an evaluation of the bundle runs with: the bundle's own, with ``cfg_overrides`` applied
+    (``key=value`` strings or a nested mapping), checked against the section the bundle was trained to write.
+    Reads the bundle's manifest only, not its weights."""
+    from mavilt.bundle import read_manifest
+    from mavilt.config import config_from_dict
 
-    t0 = time.perf_counter()
-    out = Location.of(out)
-    bundle = load_bundle(bundle_path)
-    cfg = bundle.config
-    trained = cfg.stage2.report_section  # what the bundle writes, whatever the overrides below say
+    p, manifest = read_manifest(bundle_path)
+    cfg = config_from_dict(manifest["config"], f"the config of the bundle at {p}")
+    trained = cfg.stage2.report_section  # what the bundle writes, whatever the overrides say
     if cfg_overrides:
-        cfg = bundle.config = cfg.with_overrides(cfg_overrides)
+        cfg = cfg.with_overrides(cfg_overrides)
     if cfg.stage2.report_section != trained:
         raise ConfigError(
             f"stage2.report_section={cfg.stage2.report_section} cannot be changed at evaluation: the bundle at "
@@ -136,8 +148,41 @@ def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg
             f"{trained} section (its stage2.report_section): its reports would be scored against another section. "
             f"Evaluate it with eval.report_section={trained}, or train a bundle with "
             f"stage2.report_section={cfg.eval.report_section}")
-    split = split or cfg.eval.split
-    limit = limit if limit is not None else cfg.eval.limit
+    return cfg
+
+
+def evaluation_settings(cfg: Config) -> dict[str, Any]:
+    """A config's evaluation and decoding sections, as overrides of a bundle's own (which are those of the run
+    that trained it): what the pipeline and the ablations evaluate a bundle with."""
+    d = cfg.to_dict()
+    return {"eval": dict(d["eval"]), "generate": dict(d["generate"])}
+
+
+def evaluation_hash(bundle_path: str | Path | Location, data: str | Path | Location, cfg: Config,
+                    judge_checkpoint: str | Path | None = None) -> str:
+    """What an evaluation's result depends on: the bundle, the data, the evaluation and decoding settings and
+    the judge (a finished evaluation with the same hash need not run again)."""
+    return config_hash([str(bundle_path), str(data), cfg.hash("eval", "generate"),
+                        *([str(judge_checkpoint)] if judge_checkpoint else [])])
+
+
+def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path,
+                 cfg_overrides: list[str] | dict[str, Any] | None = None, split: str | None = None,
+                 limit: int | None = None, judge_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """``judge_checkpoint``: a second CXR encoder trained independently of the bundle's phi (the pipeline's judge
+    step, or ``jobs/encoder.py`` with another ``encoder.seed``); synthesised images are scored by it. Without
+    one they are scored by phi, and the report says that this judge is not independent. ``split`` and
+    ``limit`` override ``eval.split`` and ``eval.limit``."""
+    from mavilt import load_bundle
+    from mavilt.runs import StepOutput, finish
+
+    t0 = time.perf_counter()
+    out = Location.of(out)
+    extra = {"eval": {k: v for k, v in (("split", split), ("limit", limit)) if v is not None}}
+    cfg = evaluation_config(bundle_path, cfg_overrides).with_overrides(extra)
+    bundle = load_bundle(bundle_path)
+    bundle.config = cfg
+    split, limit = cfg.eval.split, cfg.eval.limit
     # Everything is written to a local folder first and published at `out` with result.json last: a reader
     # never takes a half-written evaluation for a finished one, on local disk or on a store.
     with tempfile.TemporaryDirectory(prefix="mavilt-evaluate-") as staging:
@@ -146,8 +191,7 @@ def run_evaluate(bundle_path: str | Path, data: str | Path, out: str | Path, cfg
                         judge=load_judge(judge_checkpoint, bundle.device) if judge_checkpoint else None)
         metrics = ev.run()
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
-        h = config_hash([str(bundle_path), str(data), split, limit, cfg.to_dict()["eval"],
-                         *([str(judge_checkpoint)] if judge_checkpoint else [])])
+        h = evaluation_hash(bundle_path, data, cfg, judge_checkpoint)
         result = finish("evaluate", out, None, metrics, h, folder=staging, picked=evaluate_headline(metrics))
         publish_dir(staging, out, StepOutput.result.relative)
     return result

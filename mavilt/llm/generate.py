@@ -1,7 +1,8 @@
 """Batched decoding with a KV cache for the three tasks.
 
 - Reports: Hugging Face ``generate`` (greedy, beam or nucleus) with every image id and special token
-  suppressed, so only text can come out.
+  suppressed, so only text can come out; greedy reports may contrast the image with random image codes
+  (visual contrastive decoding, ``generate.image_contrast``).
 - Images: our own loop. After the prompt's ``<boi>`` it takes exactly N steps, each restricted to the K image
   ids, then the span is closed with ``<eoi>``: an image is always N valid codes, with no retry loop.
   Classifier-free guidance runs the conditional and the unconditional prompt in one batch and mixes the
@@ -12,11 +13,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from mavilt.errors import ConfigError
 from mavilt.llm.decode import LlamaDecoder
 from mavilt.llm.vocab import JointVocab
 
@@ -52,13 +55,27 @@ def generate_text(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
+    contrast_prompts: Sequence[Sequence[int]] | None = None,
+    contrast: float = 0.0,
 ) -> list[list[int]]:
-    """Text continuations (ids, without the prompt and without eos/pad)."""
+    """Text continuations (ids, without the prompt and without eos/pad).
+
+    ``contrast`` > 0 with ``contrast_prompts`` (one per prompt, the same length): greedy contrastive decoding,
+    each token the argmax of ``(1 + contrast) * log p(t | prompt) - contrast * log p(t | contrast prompt)``
+    among the tokens the prompt alone finds plausible (see :func:`contrastive_choice`)."""
     from transformers import GenerationConfig
 
     if not prompts:
         return []
     dev = _device(model)
+    contrastive = contrast > 0
+    if contrastive:
+        if contrast_prompts is None or [len(p) for p in contrast_prompts] != [len(p) for p in prompts]:
+            raise ValueError("contrastive decoding needs one contrast prompt of the same length per prompt")
+        if num_beams != 1 or do_sample or not LlamaDecoder.supports(model):
+            raise ConfigError(f"generate.image_contrast={contrast} works with greedy decoding of a Llama-style LM "
+                              f"only: set generate.num_beams=1 and generate.do_sample=false, or image_contrast=0")
+        prompts = [*prompts, *contrast_prompts]  # one batch: the second half only scores, it never chooses
     ids, mask = left_pad(prompts, vocab.pad_id, dev)
     gc = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -77,7 +94,7 @@ def generate_text(
     was_training = model.training
     model.eval()
     if num_beams == 1 and not do_sample and LlamaDecoder.supports(model):
-        new = _greedy_text_lean(model, vocab, ids, mask, max_new_tokens)
+        new = _greedy_text_lean(model, vocab, ids, mask, max_new_tokens, contrast if contrastive else 0.0)
     else:
         new = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, ids.shape[1]:]
     model.train(was_training)
@@ -92,21 +109,42 @@ def generate_text(
     return results
 
 
-def _greedy_text_lean(model, vocab: JointVocab, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def _greedy_text_lean(model, vocab: JointVocab, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                      contrast: float = 0.0) -> torch.Tensor:
     """Greedy decoding over the text ids on :class:`LlamaDecoder` (what ``generate`` does with the image ids
-    suppressed), stopping once every row has written eos. Returns the new ids [B, <= max_new_tokens]."""
+    suppressed), stopping once every row has written eos. Returns the new ids [B, <= max_new_tokens]. With
+    ``contrast`` > 0 the second half of the rows are the first half's contrast prompts: both halves are fed the
+    token chosen by :func:`contrastive_choice` and only the first half is returned."""
+    rows = ids.shape[0] // 2 if contrast else ids.shape[0]
     dec = LlamaDecoder(model, ids.shape[0], ids.shape[1] + max_new_tokens)
     hidden = dec.prefill(ids, mask)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     out = []
     for step in range(max_new_tokens):
-        token = dec.logits(hidden, 0, vocab.text_vocab_size).argmax(-1).masked_fill(done, vocab.pad_id)
+        logits = dec.logits(hidden, 0, vocab.text_vocab_size)
+        token = contrastive_choice(logits[:rows], logits[rows:], contrast) if contrast else logits.argmax(-1)
+        token = token.masked_fill(done, vocab.pad_id)
         out.append(token)
         done |= token == vocab.eos_id
         if step + 1 == max_new_tokens or bool(done.all()):
             break
-        hidden = dec.step(token)
-    return torch.stack(out, dim=1) if out else ids.new_zeros(ids.shape[0], 0)
+        hidden = dec.step(torch.cat([token, token]) if contrast else token)
+    return torch.stack(out, dim=1) if out else ids.new_zeros(rows, 0)
+
+
+# VCD's adaptive plausibility (Leng et al., 2024): only tokens at least this fraction as likely as the best one
+# under the real image may be chosen, so the contrast promotes what the image supports and never invents a token
+# the model finds implausible.
+CONTRAST_PLAUSIBILITY = 0.1
+
+
+def contrastive_choice(logits: torch.Tensor, contrast_logits: torch.Tensor, contrast: float) -> torch.Tensor:
+    """Visual contrastive decoding: argmax of ``(1 + a) * log p - a * log q`` over the tokens with
+    ``p >= CONTRAST_PLAUSIBILITY * max p``; ``p`` given the image, ``q`` given the contrast image."""
+    logp, logq = logits.float().log_softmax(-1), contrast_logits.float().log_softmax(-1)
+    score = (1 + contrast) * logp - contrast * logq
+    implausible = logp < logp.max(-1, keepdim=True).values + math.log(CONTRAST_PLAUSIBILITY)
+    return score.masked_fill(implausible, float("-inf")).argmax(-1)
 
 
 # ---- images ----------------------------------------------------------------------------------------------
