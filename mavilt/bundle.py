@@ -94,6 +94,7 @@ class Bundle:
     device: torch.device
     manifest: dict[str, Any] = field(default_factory=dict)
     parts: tuple[str, ...] = LOADABLE
+    _warned_contrast: bool = field(default=False, repr=False)
 
     def _need(self, part: str) -> None:
         if part not in self.parts:
@@ -151,7 +152,7 @@ class Bundle:
         prompts = [REPORT.prompt(self.vocab, self.codec, c.numpy(), section=section) for c in codes]
         contrast = None
         # A greedy-decoding setting: a call that asks for beams or sampling decodes without it.
-        if g.image_contrast > 0 and g.num_beams == 1 and not g.do_sample:
+        if g.image_contrast > 0 and g.num_beams == 1 and not g.do_sample and self._contrast_supported():
             # The same prompt around random codes (what the model writes without an image), the same for every
             # row, so a report does not depend on the batch it was served in.
             noise = torch.randint(0, self.vocab.codebook_size, tuple(codes.shape[1:]),
@@ -164,6 +165,19 @@ class Bundle:
         if g.rerank_candidates <= 1:
             return first
         return self._rerank(codes, prompts, first, g)
+
+    def _contrast_supported(self) -> bool:
+        """Contrastive decoding runs on the lean Llama decoder; another LM decodes greedily, with one warning."""
+        from mavilt.llm.decode import LlamaDecoder
+
+        if LlamaDecoder.supports(self.llm):
+            return True
+        if not self._warned_contrast:
+            log.warning("generate.image_contrast=%s needs a Llama-style LM; the bundle at %s has %s: its reports are "
+                        "decoded greedily without the contrast", self.config.generate.image_contrast, self.path,
+                        type(self.llm).__name__)
+            self._warned_contrast = True
+        return False
 
     def _rerank(self, codes: torch.Tensor, prompts: list[list[int]], first: list[str], g) -> list[str]:
         """``generate.rerank_candidates``: sampled candidates besides ``first``, the one phi agrees with kept."""

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -226,8 +227,9 @@ class GenerateConfig:
                                         "(mavilt.eval.rerank; 0 or 1: off)")
     image_contrast: float = setting(0.0, "reports: visual contrastive decoding, greedy on (1+a) log p(token | image) "
                                          "- a log p(token | random image codes) among the tokens the image makes "
-                                         "plausible; promotes what the image, not the language prior, says; greedy decoding only (a "
-                                         "call asking for beams or sampling decodes without it; 0: off)",
+                                         "plausible; promotes what the image, not the language prior, says; greedy decoding of a "
+                                         "Llama-style LM only (a call asking for beams or sampling decodes without "
+                                         "it); the random codes are drawn with generate.seed (0: off)",
                                     neutral=0.0)
 
 
@@ -574,8 +576,8 @@ def _check(cfg: Config) -> None:
                 if not getattr(section, key) > 0:
                     raise ConfigError(f"{name}.{key} must be > 0 (1: unweighted), got {getattr(section, key)}")
     g = cfg.generate
-    if g.image_contrast < 0:
-        raise ConfigError(f"generate.image_contrast must be >= 0 (0: off), got {g.image_contrast}")
+    if not (math.isfinite(g.image_contrast) and g.image_contrast >= 0):
+        raise ConfigError(f"generate.image_contrast must be a finite number >= 0 (0: off), got {g.image_contrast}")
     _check_serve(cfg.serve)
 
 

@@ -60,9 +60,33 @@ def test_contrastive_reports_from_a_bundle_are_the_same_alone_and_in_a_batch(bun
     both = b.report_from_codes(codes, max_new_tokens=8, image_contrast=1.5, num_beams=1)
     assert len(both) == 3 and all(isinstance(r, str) for r in both)
     assert b.report_from_codes(codes[2:], max_new_tokens=8, image_contrast=1.5, num_beams=1) == both[2:]
+    assert both != b.report_from_codes(codes, max_new_tokens=8, image_contrast=0.0, num_beams=1)  # it is applied
     # Beam search asked for by a call (the CLI's --beams, a served request) decodes without the contrast.
     assert b.report_from_codes(codes, max_new_tokens=8, image_contrast=1.5, num_beams=2) == \
         b.report_from_codes(codes, max_new_tokens=8, image_contrast=0.0, num_beams=2)
+
+
+def test_an_evaluation_sends_its_decoding_settings_to_actors_that_load_the_bundle_from_its_path(bundle_dir, tmp_path,
+                                                                                               monkeypatch):
+    """Ray Data actors load the bundle from its path (with the decoding it was saved with): the evaluation's
+    settings must travel with the batches."""
+    import json
+
+    from mavilt.eval import evaluate
+    from mavilt.eval.predict import BundlePredictor, _columns
+    from mavilt.storage import Location
+
+    b = load_bundle(bundle_dir, device="cpu")
+    cfg = b.config.with_overrides(["generate.image_contrast=1.5", "generate.num_beams=1", "generate.max_new_tokens=8"])
+    sent = {}
+    monkeypatch.setattr(evaluate, "predict", lambda task, inputs, **kw: sent.update(kw["overrides"]) or [])
+    evaluate.Evaluation(b, Location.of(bundle_dir), Location.of(tmp_path), tmp_path, cfg, "test", None)._predict(
+        "report", [])
+    assert (sent["image_contrast"], sent["max_new_tokens"]) == (1.5, 8)
+    codes = b.encode_images(_images(2))
+    actor = BundlePredictor(bundle_path=str(bundle_dir), device="cpu")
+    out = [json.loads(o) for o in actor(_columns("report", [{"codes": c} for c in codes.numpy()], sent))["output"]]
+    assert out == b.report_from_codes(codes, max_new_tokens=8, image_contrast=1.5, num_beams=1)
 
 
 def test_unknown_parts_are_refused_by_name(bundle_dir):

@@ -444,13 +444,21 @@ def test_contrastive_reports_against_the_same_prompt_are_greedy_and_do_not_depen
     assert generate_text(m, v, reports, max_new_tokens=12, contrast_prompts=reports, contrast=2.0) == greedy
     contrasted = generate_text(m, v, reports, max_new_tokens=12, contrast_prompts=noise, contrast=2.0)
     assert all(len(x) > 0 and all(t < v.text_vocab_size for t in x) for x in contrasted)
+    # The first token by hand: the contrastive choice on the two prompts' next-token logits over the text ids.
+    with torch.no_grad():
+        last = lambda p: m(input_ids=torch.tensor([p])).logits[0, -1, : v.text_vocab_size]  # noqa: E731
+        first = [contrastive_choice(last(p)[None], last(q)[None], 2.0).item() for p, q in zip(reports, noise)]
+    assert [x[0] for x in contrasted] == first
+    strong = generate_text(m, v, reports, max_new_tokens=12, contrast_prompts=noise, contrast=50.0)
+    assert strong != greedy  # a strong contrast changes what is written
     assert generate_text(m, v, reports[1:], max_new_tokens=12, contrast_prompts=noise[1:], contrast=2.0) == contrasted[1:]
     with pytest.raises(ConfigError, match="greedy decoding .* generate.num_beams=1"):
         generate_text(m, v, reports, max_new_tokens=4, num_beams=2, contrast_prompts=noise, contrast=1.0)
     with pytest.raises(ValueError, match="one contrast prompt of the same length per prompt"):
         generate_text(m, v, reports, max_new_tokens=4, contrast_prompts=noise[:1], contrast=1.0)
-    with pytest.raises(ConfigError, match="generate.image_contrast must be >= 0"):
-        load_config("micro", ["generate.image_contrast=-1"])
+    for bad in ("-1", ".inf", ".nan"):
+        with pytest.raises(ConfigError, match="generate.image_contrast must be a finite number >= 0"):
+            load_config("micro", [f"generate.image_contrast={bad}"])
     # A greedy-decoding setting: with beam search asked for, the config is valid and the bundle decodes without it.
     assert load_config("micro", ["generate.image_contrast=1", "generate.num_beams=3"]).generate.num_beams == 3
 

@@ -136,9 +136,11 @@ def test_ablation_rows_flip_the_defaults_lever_and_the_joint_stage_keeps_the_tot
     cfg = load_config("tiny")
     assert ROWS["clinical_weight"].overrides(cfg)[-1] == (
         "stage2.clinical_token_weight=3.0" if cfg.stage2.clinical_token_weight == 1.0 else "stage2.clinical_token_weight=1.0")
-    for base in (cfg, cfg.with_overrides(["generate.image_contrast=0"])):
+    for base in (cfg, cfg.with_overrides(["generate.image_contrast=0"]), load_config("base")):
         flipped = base.with_overrides(ROWS["image_contrast"].overrides(base))  # a valid config either way
         assert (flipped.generate.image_contrast > 0) != (base.generate.image_contrast > 0)
+        if flipped.generate.image_contrast:  # on, it decodes greedily (the base preset's beams would ignore it)
+            assert flipped.generate.num_beams == 1 and not flipped.generate.do_sample
     beam = cfg.with_overrides(ROWS["beam3"].overrides(cfg))  # beam search with the default's contrast off
     assert beam.generate.num_beams == 3 and beam.generate.image_contrast == 0
     joint = cfg.with_overrides(ROWS["joint_stage"].overrides(cfg))

@@ -14,6 +14,7 @@ dropped, as R2Gen does); VQA and images per image. Baselines:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import tempfile
@@ -241,6 +242,10 @@ class Evaluation:
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _predict(self, task: str, inputs: list[dict[str, Any]], **overrides) -> list[Any]:
+        if task in ("report", "synthesize"):
+            # The evaluation's decoding settings travel with the inputs: Ray Data actors load the bundle from its
+            # path, with the decoding settings it was saved with.
+            overrides = {**dataclasses.asdict(self.cfg.generate), **overrides}
         return predict(task, inputs, bundle=self.b, bundle_path=self.bundle_path, batch_size=self.ec.batch_size,
                        workers=self.ec.workers, overrides=overrides)
 
