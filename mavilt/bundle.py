@@ -155,9 +155,10 @@ class Bundle:
         if g.image_contrast > 0 and g.num_beams == 1 and not g.do_sample and self._contrast_supported():
             # The same prompt around random codes (what the model writes without an image), the same for every
             # row, so a report does not depend on the batch it was served in.
-            noise = torch.randint(0, self.vocab.codebook_size, tuple(codes.shape[1:]),
+            noise = torch.randint(0, self.vocab.codebook_size, (g.image_contrast_draws, *codes.shape[1:]),
                                   generator=torch.Generator().manual_seed(g.seed))
-            contrast = [REPORT.prompt(self.vocab, self.codec, noise.numpy(), section=section)] * len(prompts)
+            contrast = [REPORT.prompt(self.vocab, self.codec, draw.numpy(), section=section)
+                        for draw in noise for _ in prompts]
         ids = generate_text(self.llm, self.vocab, prompts, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
                             do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed,
                             contrast_prompts=contrast, contrast=g.image_contrast if contrast else 0.0)

@@ -231,6 +231,8 @@ class GenerateConfig:
                                          "Llama-style LM only (a call asking for beams or sampling decodes without "
                                          "it); the random codes are drawn with generate.seed (0: off)",
                                     neutral=0.0)
+    image_contrast_draws: int = setting(1, "random code draws the contrast averages log q over (each adds a batch of "
+                                           "rows to decoding)", neutral=1)
 
 
 @dataclass
@@ -578,6 +580,8 @@ def _check(cfg: Config) -> None:
     g = cfg.generate
     if not (math.isfinite(g.image_contrast) and g.image_contrast >= 0):
         raise ConfigError(f"generate.image_contrast must be a finite number >= 0 (0: off), got {g.image_contrast}")
+    if g.image_contrast_draws < 1:
+        raise ConfigError(f"generate.image_contrast_draws must be >= 1, got {g.image_contrast_draws}")
     _check_serve(cfg.serve)
 
 

@@ -449,12 +449,21 @@ def test_contrastive_reports_against_the_same_prompt_are_greedy_and_do_not_depen
         last = lambda p: m(input_ids=torch.tensor([p])).logits[0, -1, : v.text_vocab_size]  # noqa: E731
         first = [contrastive_choice(last(p)[None], last(q)[None], 2.0).item() for p, q in zip(reports, noise)]
     assert [x[0] for x in contrasted] == first
+    # K draws average log q: two copies of the same draw are that draw; two different draws are their mean.
+    assert generate_text(m, v, reports, max_new_tokens=12, contrast_prompts=noise * 2, contrast=2.0) == contrasted
+    other = [REPORT.prompt(v, codec, (np.arange(16) * 3 + 1) % 32)] * 2
+    with torch.no_grad():
+        mixed = contrastive_choice(last(reports[0])[None], torch.stack([last(noise[0])[None], last(other[0])[None]]), 2.0)
+        mean_q = torch.stack([last(noise[0]), last(other[0])]).log_softmax(-1).mean(0)[None]
+    assert mixed.item() == contrastive_choice(last(reports[0])[None], mean_q, 2.0).item()  # log_softmax(mean log q) = mean log q + c
+    two = generate_text(m, v, reports, max_new_tokens=12, contrast_prompts=[*noise, *other], contrast=2.0)
+    assert [x[0] for x in two][0] == mixed.item()
     strong = generate_text(m, v, reports, max_new_tokens=12, contrast_prompts=noise, contrast=50.0)
     assert strong != greedy  # a strong contrast changes what is written
     assert generate_text(m, v, reports[1:], max_new_tokens=12, contrast_prompts=noise[1:], contrast=2.0) == contrasted[1:]
     with pytest.raises(ConfigError, match="greedy decoding .* generate.num_beams=1"):
         generate_text(m, v, reports, max_new_tokens=4, num_beams=2, contrast_prompts=noise, contrast=1.0)
-    with pytest.raises(ValueError, match="one contrast prompt of the same length per prompt"):
+    with pytest.raises(ValueError, match="K >= 1 contrast prompts of the same length per prompt"):
         generate_text(m, v, reports, max_new_tokens=4, contrast_prompts=noise[:1], contrast=1.0)
     for bad in ("-1", ".inf", ".nan"):
         with pytest.raises(ConfigError, match="generate.image_contrast must be a finite number >= 0"):

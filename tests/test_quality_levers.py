@@ -187,13 +187,15 @@ def test_rehearsal_is_an_optional_stage_task_in_the_format_of_held_out_text():
 
 
 def test_a_field_at_its_neutral_value_leaves_the_step_hashes_of_earlier_runs_as_they_were():
-    """generate.image_contrast came after runs were made: off, it is left out of the hash (their stage 2 and
-    evaluation are not made again); on, the hash changes."""
+    """generate.image_contrast(_draws) came after runs were made: off, they are left out of the hash (their
+    stage 2 and evaluation are not made again); on, the hash changes."""
     from mavilt.hashing import config_hash
 
     cfg = load_config("tiny", ["generate.image_contrast=0"])
     before = cfg.to_dict()
-    del before["generate"]["image_contrast"]  # the section as a run made before the field saved it
+    for key in ("image_contrast", "image_contrast_draws"):  # the section as a run made before them saved it
+        del before["generate"][key]
     assert cfg.hash("generate", "eval") == config_hash({"generate": before["generate"], "eval": before["eval"]})
     assert cfg.with_overrides(["generate.image_contrast=2"]).hash("generate") != cfg.hash("generate")
+    assert cfg.with_overrides(["generate.image_contrast_draws=4"]).hash("generate") != cfg.hash("generate")
     assert "image_contrast" in cfg.to_dict()["generate"]  # saved configs still name it

@@ -88,9 +88,10 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("beam3", "reports by beam search, width 3 (default: greedy; contrastive decoding off, it is greedy)",
         lambda cfg: ["generate.num_beams=3", "generate.image_contrast=0"], retrain=False),
     Row("image_contrast", "visual contrastive decoding of reports (the image against random codes) flipped: off if "
-        "the default contrasts, else at 3 with greedy decoding",
+        "the default contrasts, else at 3 against 4 draws, greedy",
         lambda cfg: ["generate.image_contrast=0"] if cfg.generate.image_contrast and cfg.generate.num_beams == 1
-        and not cfg.generate.do_sample else ["generate.image_contrast=3", "generate.num_beams=1", "generate.do_sample=false"],
+        and not cfg.generate.do_sample else ["generate.image_contrast=3", "generate.image_contrast_draws=4",
+                                             "generate.num_beams=1", "generate.do_sample=false"],
         retrain=False),
     Row("rerank8", "8 report candidates (greedy + 7 sampled at temperature 0.7), the one phi agrees with kept",
         lambda cfg: ["generate.rerank_candidates=8", "generate.temperature=0.7", "generate.top_p=1.0"],

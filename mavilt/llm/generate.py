@@ -60,9 +60,10 @@ def generate_text(
 ) -> list[list[int]]:
     """Text continuations (ids, without the prompt and without eos/pad).
 
-    ``contrast`` > 0 with ``contrast_prompts`` (one per prompt, the same length): greedy contrastive decoding,
-    each token the argmax of ``(1 + contrast) * log p(t | prompt) - contrast * log p(t | contrast prompt)``
-    among the tokens the prompt alone finds plausible (see :func:`contrastive_choice`)."""
+    ``contrast`` > 0 with ``contrast_prompts`` (K per prompt, the same length, draw by draw: the first draw of
+    every prompt, then the second, ...): greedy contrastive decoding, each token the argmax of
+    ``(1 + contrast) * log p(t | prompt) - contrast * log q(t)`` among the tokens the prompt alone finds plausible,
+    ``log q`` the mean over the K contrast prompts (see :func:`contrastive_choice`)."""
     from transformers import GenerationConfig
 
     if not prompts:
@@ -70,12 +71,14 @@ def generate_text(
     dev = _device(model)
     contrastive = contrast > 0
     if contrastive:
-        if contrast_prompts is None or [len(p) for p in contrast_prompts] != [len(p) for p in prompts]:
-            raise ValueError("contrastive decoding needs one contrast prompt of the same length per prompt")
+        draws = len(contrast_prompts or []) // len(prompts)
+        if not draws or [len(p) for p in contrast_prompts] != [len(p) for p in prompts] * draws:
+            raise ValueError("contrastive decoding needs K >= 1 contrast prompts of the same length per prompt, "
+                             "draw by draw")
         if num_beams != 1 or do_sample or not LlamaDecoder.supports(model):
             raise ConfigError(f"generate.image_contrast={contrast} works with greedy decoding of a Llama-style LM "
                               f"only: set generate.num_beams=1 and generate.do_sample=false, or image_contrast=0")
-        prompts = [*prompts, *contrast_prompts]  # one batch: the second half only scores, it never chooses
+        prompts = [*prompts, *contrast_prompts]  # one batch: the contrast rows only score, they never choose
     ids, mask = left_pad(prompts, vocab.pad_id, dev)
     gc = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -94,7 +97,8 @@ def generate_text(
     was_training = model.training
     model.eval()
     if num_beams == 1 and not do_sample and LlamaDecoder.supports(model):
-        new = _greedy_text_lean(model, vocab, ids, mask, max_new_tokens, contrast if contrastive else 0.0)
+        new = _greedy_text_lean(model, vocab, ids, mask, max_new_tokens, contrast if contrastive else 0.0,
+                                draws if contrastive else 0)
     else:
         new = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, ids.shape[1]:]
     model.train(was_training)
@@ -110,25 +114,28 @@ def generate_text(
 
 
 def _greedy_text_lean(model, vocab: JointVocab, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                      contrast: float = 0.0) -> torch.Tensor:
+                      contrast: float = 0.0, draws: int = 0) -> torch.Tensor:
     """Greedy decoding over the text ids on :class:`LlamaDecoder` (what ``generate`` does with the image ids
     suppressed), stopping once every row has written eos. Returns the new ids [B, <= max_new_tokens]. With
-    ``contrast`` > 0 the second half of the rows are the first half's contrast prompts: both halves are fed the
-    token chosen by :func:`contrastive_choice` and only the first half is returned."""
-    rows = ids.shape[0] // 2 if contrast else ids.shape[0]
+    ``contrast`` > 0 the rows after the first B are ``draws`` contrast prompts per row: every row is fed the
+    token chosen by :func:`contrastive_choice` for its prompt, and only the first B are returned."""
+    rows = ids.shape[0] // (1 + draws) if contrast else ids.shape[0]
     dec = LlamaDecoder(model, ids.shape[0], ids.shape[1] + max_new_tokens)
     hidden = dec.prefill(ids, mask)
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     out = []
     for step in range(max_new_tokens):
         logits = dec.logits(hidden, 0, vocab.text_vocab_size)
-        token = contrastive_choice(logits[:rows], logits[rows:], contrast) if contrast else logits.argmax(-1)
+        if contrast:
+            token = contrastive_choice(logits[:rows], logits[rows:].unflatten(0, (draws, rows)), contrast)
+        else:
+            token = logits.argmax(-1)
         token = token.masked_fill(done, vocab.pad_id)
         out.append(token)
         done |= token == vocab.eos_id
         if step + 1 == max_new_tokens or bool(done.all()):
             break
-        hidden = dec.step(torch.cat([token, token]) if contrast else token)
+        hidden = dec.step(token.repeat(1 + draws) if contrast else token)
     return torch.stack(out, dim=1) if out else ids.new_zeros(rows, 0)
 
 
@@ -140,8 +147,11 @@ CONTRAST_PLAUSIBILITY = 0.1
 
 def contrastive_choice(logits: torch.Tensor, contrast_logits: torch.Tensor, contrast: float) -> torch.Tensor:
     """Visual contrastive decoding: argmax of ``(1 + a) * log p - a * log q`` over the tokens with
-    ``p >= CONTRAST_PLAUSIBILITY * max p``; ``p`` given the image, ``q`` given the contrast image."""
+    ``p >= CONTRAST_PLAUSIBILITY * max p``; ``p`` given the image, ``q`` given the contrast image
+    (``contrast_logits`` [B, V]), or ``log q`` the mean over K contrast images ([K, B, V])."""
     logp, logq = logits.float().log_softmax(-1), contrast_logits.float().log_softmax(-1)
+    if logq.dim() == logp.dim() + 1:
+        logq = logq.mean(0)
     score = (1 + contrast) * logp - contrast * logq
     implausible = logp < logp.max(-1, keepdim=True).values + math.log(CONTRAST_PLAUSIBILITY)
     return score.masked_fill(implausible, float("-inf")).argmax(-1)
