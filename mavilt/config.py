@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mavilt.config_migrate import migrate
 from mavilt.errors import ConfigError
 from mavilt.hashing import config_hash
 from mavilt.paths import CONFIG_DIR
@@ -630,35 +631,6 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return nested
 
 
-# ---- configs written by older code --------------------------------------------------------------------
-
-# Keys version 1 accepted although nothing read them (or read another section's): dropped when read back.
-_REMOVED_IN_2: dict[str, tuple[str, ...]] = {
-    "pretrain_text": ("lambda_reg", "task_weights", "report_section", "condition_dropout"),
-    "stage1": ("heldout_fraction",),
-    "stage2": ("heldout_fraction",),
-}
-_SECTIONS_REMOVED_IN_2 = ("tune", "serve")
-
-
-def _migrate(data: dict[str, Any], source: str, unversioned: int = 1) -> dict[str, Any]:
-    """A saved or user config mapping, brought to :data:`CONFIG_VERSION`. A mapping without
-    ``config_version`` is of version ``unversioned``: 1 for configs saved with checkpoints (the first code saved
-    none), the current version for presets and YAML files people write."""
-    data = dict(data)
-    version = data.pop("config_version", unversioned)
-    if not isinstance(version, int) or version > CONFIG_VERSION:
-        raise ConfigError(f"{source} has config_version {version!r}; this code reads versions 1 to {CONFIG_VERSION}: "
-                          "update MAViLT, or write the config again with this version")
-    if version == 1:
-        for s in _SECTIONS_REMOVED_IN_2:
-            data.pop(s, None)
-        for s, keys in _REMOVED_IN_2.items():
-            if isinstance(data.get(s), dict):
-                data[s] = {k: v for k, v in data[s].items() if k not in keys}
-    return data
-
-
 # ---- presets ------------------------------------------------------------------------------------------
 
 
@@ -691,7 +663,7 @@ def load_config(preset: str | Path | None = "tiny", overrides: list[str] | None 
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-        data = _migrate(data, str(path), unversioned=CONFIG_VERSION)
+        data = migrate(data, str(path), CONFIG_VERSION, unversioned=CONFIG_VERSION)
         data.setdefault("preset", path.stem)
         _apply(cfg, data, "", str(path))
     _apply(cfg, parse_overrides(overrides), "", "--set")
@@ -702,7 +674,7 @@ def load_config(preset: str | Path | None = "tiny", overrides: list[str] | None 
 def config_from_dict(data: dict[str, Any], source: str = "saved config") -> Config:
     """Rebuild a config saved with a checkpoint or bundle (``Config.to_dict`` output, any config version)."""
     cfg = Config()
-    _apply(cfg, _migrate(data, source), "", source)
+    _apply(cfg, migrate(data, source, CONFIG_VERSION), "", source)
     _check(cfg)
     return cfg
 

@@ -191,7 +191,7 @@ def test_a_field_at_its_neutral_value_leaves_the_step_hashes_of_earlier_runs_as_
     stage 2 and evaluation are not made again); on, the hash changes."""
     from mavilt.hashing import config_hash
 
-    cfg = load_config("tiny", ["generate.image_contrast=0"])
+    cfg = load_config("tiny", ["generate.image_contrast=0", "generate.image_contrast_draws=1"])
     before = cfg.to_dict()
     for key in ("image_contrast", "image_contrast_draws"):  # the section as a run made before them saved it
         del before["generate"][key]
